@@ -1,0 +1,100 @@
+"""The ``kvtool`` command line (click).
+
+Each verb is a thin shell over a library function so that tests, the demo and users call the same code.
+Errors a user can fix are ``KvtoolError``: one line on stderr, non-zero exit, no traceback unless ``--debug``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import KvtoolError
+
+BACKENDS = ["cpu", "cuda", "metal", "vulkan"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kvtool")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """kvtool: long reasoning on small machines with mixed per-head KV caches and beacons."""
+    ctx.obj = {"debug": debug}
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@cli.command("build-runtime")
+@click.option("--backend", default="cpu", show_default=True, help="cpu | cuda | metal | vulkan")
+@click.option("--portable", is_flag=True, help="No -march=native (a wheel that runs on other CPUs).")
+@click.option("--jobs", "-j", type=int, default=None, help="Parallel compile jobs (default: all cores).")
+@click.option("--sdist", type=str, default=None, help="Use this llama-cpp-python 0.3.36 sdist instead of downloading.")
+@click.option("--rebuild", is_flag=True, help="Ignore the installed build and the cached wheel.")
+def build_runtime_cmd(backend, portable, jobs, sdist, rebuild):
+    """Build and install the patched llama-cpp-python (libllama with the mixed KV cache)."""
+    from .runtime.build import build_runtime
+
+    if jobs is not None and jobs < 1:
+        raise KvtoolError(f"--jobs must be >= 1, got {jobs}")
+    build_runtime(backend=backend, portable=portable, jobs=jobs, sdist=sdist, rebuild=rebuild, echo=_echo)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json):
+    """Report versions, whether the patched runtime is loaded, and optional extras."""
+    from .doctor import collect
+
+    info = collect()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        click.echo(f"{k:22s} {v}")
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(["smollm2"]))
+def fetch(name):
+    """Fetch a demo model into ~/.cache/kvtool/models and print its path."""
+    from .models import fetch_smollm2
+
+    click.echo(str(fetch_smollm2(echo=_echo)))
+
+
+def main(argv=None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rv = cli.main(args=argv, prog_name="kvtool", standalone_mode=False)
+    except KvtoolError as e:
+        if debug:
+            raise
+        click.echo(f"kvtool: error: {e}", err=True)
+        sys.exit(e.code)
+    except click.exceptions.Abort:
+        click.echo("kvtool: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:
+        if debug:
+            raise
+        # one line, like every other kvtool error
+        where = f" ({e.ctx.command_path})" if e.ctx else ""
+        click.echo(f"kvtool: error: {e.format_message()}{where}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"kvtool: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("kvtool: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
