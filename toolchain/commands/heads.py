@@ -1,0 +1,79 @@
+"""``kvtool heads``: make, import and look at heads.json masks (ARCHITECTURE §1).
+
+Thin shells over ``toolchain.heads`` so tests and users run the same code. Without ``-o`` the JSON goes to
+stdout, which keeps the commands pipeable.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..errors import KvtoolError
+from ..heads import DEFAULT_SINK, DEFAULT_WINDOW, HeadsMask, format_map, import_scores, plot_mask, random_mask
+
+
+def _emit(mask: HeadsMask, out: Optional[str], inputs: tuple = ()) -> None:
+    if out is None:
+        click.echo(mask.to_json(), nl=False)
+        return
+    for i in inputs:
+        if Path(out).resolve() == Path(i).resolve():
+            raise KvtoolError(f"refusing to overwrite the input {i}; give another -o path")
+    mask.save(out)
+    click.echo(f"wrote {out}: {mask.n_compressed()} of {mask.n_layer * mask.n_head_kv} heads compressed", err=True)
+
+
+@click.group("heads")
+def heads() -> None:
+    """Head masks (heads.json): import published scores, make random baselines, show."""
+
+
+@heads.command("import")
+@click.argument("kind", type=click.Choice(["rlkv", "duo"]))
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--sparsity", "-s", type=float, required=True, help="Fraction of KV heads to compress, in [0, 1].")
+@click.option("--per-layer", is_flag=True, help="Apply the rule inside each layer instead of globally.")
+@click.option("--sink", type=int, default=DEFAULT_SINK, show_default=True, help="Sink positions kept by compressed heads.")
+@click.option("--window", type=int, default=DEFAULT_WINDOW, show_default=True, help="Window of compressed heads.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="heads.json to write (default: stdout).")
+def import_cmd(kind, file, sparsity, per_layer, sink, window, output):
+    """Import RLKV adapter_weights.tsv or DuoAttention full_attention_heads.tsv scores."""
+    _emit(import_scores(kind, file, sparsity, per_layer, sink, window), output, (file,))
+
+
+@heads.command("random")
+@click.option("--model", "model", type=click.Path(dir_okay=False), required=True, help="GGUF whose shape to use.")
+@click.option("--sparsity", "-s", type=float, required=True, help="Fraction of KV heads to compress, in [0, 1].")
+@click.option("--seed", type=int, required=True, help="RNG seed (same seed, same mask).")
+@click.option("--per-layer", is_flag=True, help="Apply the rule inside each layer instead of globally.")
+@click.option("--sink", type=int, default=DEFAULT_SINK, show_default=True)
+@click.option("--window", type=int, default=DEFAULT_WINDOW, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="heads.json to write (default: stdout).")
+def random_cmd(model, sparsity, seed, per_layer, sink, window, output):
+    """A random baseline mask with exactly the rule's number of compressed heads."""
+    from converters.gguf_budgets import model_shape, open_gguf
+
+    with open_gguf(model) as h:
+        shape = model_shape(h)
+    info = {"arch": shape.arch}
+    if shape.name:
+        info["name"] = shape.name
+    _emit(random_mask(shape.n_layer, shape.n_head_kv, sparsity, seed, per_layer, sink, window, info), output,
+          (model,))
+
+
+@heads.command("show")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a heatmap PNG here.")
+def show_cmd(file, plot):
+    """Per-layer full/compressed counts and an L x H map (F = full, c = compressed)."""
+    mask = HeadsMask.load(file)
+    if plot is not None:
+        if Path(plot).resolve() == Path(file).resolve():
+            raise KvtoolError(f"refusing to overwrite the input {file} with the plot")
+        plot_mask(mask, plot)
+    click.echo(format_map(mask))
+    if plot is not None:
+        click.echo(f"wrote {plot}", err=True)
