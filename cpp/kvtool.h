@@ -36,6 +36,18 @@ KVTOOL_API const char * kvtool_patch_hash(void);
 // Backend the library was configured for ("cpu", "cuda", "metal", "vulkan").
 KVTOOL_API const char * kvtool_backend(void);
 
+// Exact bytes allocated by the context's KV memory: *full_bytes for full heads, *ring_bytes for the windowed
+// (sink + window) rings. Returns 1 when the mixed cache is active, 0 when the context runs a stock cache
+// (then everything is reported in *full_bytes), -1 when the context has no KV memory.
+KVTOOL_API int kvtool_kv_bytes(const struct llama_context * ctx, size_t * full_bytes, size_t * ring_bytes);
+
+// Cells in use right now (all sequences): full-head cache and rings. Same return convention as kvtool_kv_bytes.
+KVTOOL_API int kvtool_kv_used_cells(const struct llama_context * ctx, uint32_t * full_cells, uint32_t * ring_cells);
+
+// Number of head groups of the mixed cache (0 if not mixed), and the window and cell count of group g.
+KVTOOL_API int kvtool_kv_n_groups(const struct llama_context * ctx);
+KVTOOL_API int kvtool_kv_group_info(const struct llama_context * ctx, int g, uint32_t * window, uint32_t * n_cells);
+
 #ifdef __cplusplus
 }
 #endif

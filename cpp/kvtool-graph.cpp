@@ -1,0 +1,192 @@
+// kvtool graph code (see kvtool-graph.h). Only ggml ops: it builds for CPU, CUDA, Metal and Vulkan alike.
+#include "kvtool-graph.h"
+
+#include "llama-kv-cache-mixed.h"
+
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include <cstring>
+
+llm_graph_input_attn_kv_mixed::llm_graph_input_attn_kv_mixed(
+        const llama_hparams & hparams,
+        const llama_cparams & cparams,
+        const llama_kv_cache_mixed_context * mctx) :
+    llm_graph_input_attn_kv(hparams, cparams, mctx->get_group(0)),
+    mctx_mixed(mctx) {
+}
+
+ggml_tensor * llm_graph_input_attn_kv_mixed::head_index(ggml_context * ctx, const std::vector<int32_t> & rows, int64_t n_tokens) {
+    for (const auto & ix : indices) {
+        if (ix.rows == rows) {
+            return ix.t;
+        }
+    }
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) rows.size(), n_tokens);
+    ggml_set_input(t);
+    ggml_format_name(t, "kvtool_heads_%zu", indices.size());
+    indices.push_back({rows, t});
+    return t;
+}
+
+void llm_graph_input_attn_kv_mixed::set_input(const llama_ubatch * ubatch) {
+    for (auto & g : groups) {
+        g->set_input(ubatch);
+    }
+    std::vector<int32_t> buf;
+    for (const auto & ix : indices) {
+        if (!ix.t->buffer) {
+            continue;
+        }
+        const int64_t n_rows = ix.t->ne[0];
+        const int64_t n_tok  = ix.t->ne[1];
+        buf.resize(n_rows*n_tok);
+        for (int64_t t = 0; t < n_tok; ++t) {
+            std::memcpy(buf.data() + t*n_rows, ix.rows.data(), n_rows*sizeof(int32_t));
+        }
+        ggml_backend_tensor_set(ix.t, buf.data(), 0, ggml_nbytes(ix.t));
+    }
+}
+
+bool llm_graph_input_attn_kv_mixed::can_reuse(const llm_graph_params & params) {
+    const auto * mx = kvtool_as_mixed(params.mctx);
+    if (mx == nullptr || mx->get_mem() != mctx_mixed->get_mem()) {
+        return false;
+    }
+    mctx_mixed = mx;
+    this->mctx = mx->get_group(0);
+
+    bool res = true;
+    for (size_t g = 0; g < groups.size(); ++g) {
+        llm_graph_params p = params;
+        p.mctx = mx->get_group(g);
+        res = groups[g]->can_reuse(p) && res;
+    }
+    for (const auto & ix : indices) {
+        res = res && ix.t->ne[1] == (int64_t) params.ubatch.n_tokens;
+    }
+    return res;
+}
+
+// store one group's heads in its cache and attend over it: [d_v*n_q_heads_of_group, n_tokens]
+static ggml_tensor * attend_group(
+        const llm_graph_context & gc, llm_graph_input_attn_kv_mixed * inp, size_t g,
+        ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, float kq_scale, int il) {
+    ggml_context * ctx0 = gc.ctx0;
+    const auto * gi   = inp->groups[g].get();
+    const auto * gctx = gi->mctx;
+
+    ggml_build_forward_expand(gc.gf, gctx->cpy_k(ctx0, k, gi->get_k_idxs(), il));
+    ggml_build_forward_expand(gc.gf, gctx->cpy_v(ctx0, v, gi->get_v_idxs(), il));
+
+    ggml_tensor * kk = gctx->get_k(ctx0, il);
+    ggml_tensor * vv = gctx->get_v(ctx0, il);
+
+    return gc.build_attn_mha(q, kk, vv, nullptr, gi->get_kq_mask(), nullptr, nullptr, 0, kq_scale, il);
+}
+
+ggml_tensor * kvtool_build_attn_mixed(
+        const llm_graph_context & gc,
+        llm_graph_input_attn_kv_mixed * inp,
+        ggml_tensor * wo,
+        ggml_tensor * wo_b,
+        ggml_tensor * wo_s,
+        ggml_tensor * q_cur,
+        ggml_tensor * k_cur,
+        ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
+        ggml_tensor * v_mla,
+              float kq_scale,
+                int il) {
+    GGML_ASSERT(v_mla == nullptr);
+    if (kq_b != nullptr || sinks != nullptr) {
+        GGML_ABORT("kvtool: mixed KV does not support attention bias or learned sink logits (layer %d)", il);
+    }
+    GGML_ASSERT(!gc.cparams.training && "kvtool: mixed KV is an inference cache");
+
+    ggml_context * ctx0 = gc.ctx0;
+    const auto * mem  = inp->mctx_mixed->get_mem();
+    const auto * inp0 = inp->groups[0].get();
+
+    // the Hadamard rotation of quantized K/V acts per head, so it commutes with the head gather
+    if (inp0->self_k_rot) {
+        q_cur = llama_mul_mat_hadamard(ctx0, q_cur, inp0->self_k_rot);
+        k_cur = llama_mul_mat_hadamard(ctx0, k_cur, inp0->self_k_rot);
+    }
+    if (inp0->self_v_rot) {
+        v_cur = llama_mul_mat_hadamard(ctx0, v_cur, inp0->self_v_rot);
+    }
+
+    ggml_build_forward_expand(gc.gf, q_cur);
+    ggml_build_forward_expand(gc.gf, v_cur);
+    ggml_build_forward_expand(gc.gf, k_cur);
+
+    const int64_t d_q       = q_cur->ne[0];
+    const int64_t n_head    = q_cur->ne[1];
+    const int64_t n_tokens  = q_cur->ne[2];
+    const int64_t n_head_kv = k_cur->ne[1];
+    const int64_t d_v       = v_cur->ne[0];
+    const int64_t n_gqa     = n_head / n_head_kv;
+
+    ggml_tensor * cur;
+
+    const int32_t single = mem->single_group(il);
+    if (single >= 0) {
+        cur = attend_group(gc, inp, (size_t) single, q_cur, k_cur, v_cur, kq_scale, il);
+    } else {
+        // gather each group's heads (a KV head takes its whole query group with it), attend, then restore order
+        if (!ggml_is_contiguous(q_cur)) {
+            q_cur = ggml_cont(ctx0, q_cur);
+        }
+        ggml_tensor * q_by_kv = ggml_reshape_3d(ctx0, q_cur, d_q*n_gqa, n_head_kv, n_tokens);
+
+        ggml_tensor * cat = nullptr;
+        for (size_t g = 0; g < mem->n_groups(); ++g) {
+            const auto & rows = mem->heads(g, il);
+            if (rows.empty()) {
+                continue;
+            }
+            const int64_t n_sel = (int64_t) rows.size();
+            ggml_tensor * idx = inp->head_index(ctx0, rows, n_tokens);
+
+            ggml_tensor * q = ggml_get_rows(ctx0, q_by_kv, idx);
+            q = ggml_reshape_3d(ctx0, q, d_q, n_gqa*n_sel, n_tokens);
+            ggml_tensor * k = ggml_get_rows(ctx0, k_cur, idx);
+            ggml_tensor * v = ggml_get_rows(ctx0, v_cur, idx);
+
+            ggml_tensor * o = attend_group(gc, inp, g, q, k, v, kq_scale, il);
+            o = ggml_reshape_3d(ctx0, o, d_v*n_gqa, n_sel, n_tokens);
+
+            cat = cat ? ggml_concat(ctx0, cat, o, 1) : o;
+        }
+
+        ggml_tensor * inv = inp->head_index(ctx0, mem->layer_inverse(il), n_tokens);
+        cur = ggml_get_rows(ctx0, cat, inv);
+        cur = ggml_reshape_2d(ctx0, cur, d_v*n_head, n_tokens);
+    }
+    gc.cb(cur, "kqv_out", il);
+
+    if (inp0->self_v_rot) {
+        cur = llama_mul_mat_hadamard(ctx0, cur, inp0->self_v_rot);
+    }
+
+    if (wo) {
+        if (gc.arch == LLM_ARCH_GLM4 || gc.arch == LLM_ARCH_GLM4_MOE || gc.arch == LLM_ARCH_JAIS2) {
+            // as in llama-graph.cpp: these need F32 accumulation
+            cur = gc.build_lora_mm(wo, cur);
+            ggml_prec_set_acc(cur, GGML_PREC_F32);
+            if (wo_s) {
+                cur = ggml_mul(ctx0, cur, wo_s);
+            }
+        } else {
+            cur = gc.build_lora_mm(wo, cur, wo_s);
+        }
+    }
+
+    if (wo_b) {
+        cur = ggml_add(ctx0, cur, wo_b);
+    }
+
+    return cur;
+}

@@ -1,0 +1,52 @@
+// Graph side of the mixed KV cache: one attention input per head group, and the per-layer gather/scatter.
+//
+// Why here and not in the 88 model builders: they all call build_attn_inp_kv() and build_attn(). The patch makes
+// the first return this subclass when the memory is mixed and the second branch to kvtool_build_attn_mixed(),
+// so every architecture on the generic attention path gets per-head budgets with no model file edits.
+#pragma once
+
+#include "llama-graph.h"
+
+#include <vector>
+
+class llama_kv_cache_mixed_context;
+
+class llm_graph_input_attn_kv_mixed : public llm_graph_input_attn_kv {
+public:
+    llm_graph_input_attn_kv_mixed(const llama_hparams & hparams, const llama_cparams & cparams,
+                                  const llama_kv_cache_mixed_context * mctx);
+    ~llm_graph_input_attn_kv_mixed() = default;
+
+    void set_input(const llama_ubatch * ubatch) override;
+    bool can_reuse(const llm_graph_params & params) override;
+
+    // I32 [rows.size(), n_tokens]: the head list repeated for every token, the index ggml_get_rows wants to pick
+    // heads per token; layers with the same list share one tensor
+    ggml_tensor * head_index(ggml_context * ctx, const std::vector<int32_t> & rows, int64_t n_tokens);
+
+    std::vector<std::unique_ptr<llm_graph_input_attn_kv>> groups; // one per cache group
+
+    const llama_kv_cache_mixed_context * mctx_mixed;
+
+private:
+    struct index_input {
+        std::vector<int32_t> rows;
+        ggml_tensor * t;
+    };
+    std::vector<index_input> indices;
+};
+
+ggml_tensor * kvtool_build_attn_mixed(
+        const llm_graph_context & gc,
+        llm_graph_input_attn_kv_mixed * inp,
+        ggml_tensor * wo,
+        ggml_tensor * wo_b,
+        ggml_tensor * wo_s,
+        ggml_tensor * q_cur,
+        ggml_tensor * k_cur,
+        ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
+        ggml_tensor * v_mla,
+              float kq_scale,
+                int il);
