@@ -37,7 +37,7 @@ K_SPARSITY = "kvtool.heads.sparsity"
 K_BEACON_TOKEN = "kvtool.beacon.token_id"
 K_BEACON_INTERVAL = "kvtool.beacon.interval"
 
-_COPY_CHUNK = 64 << 20
+_COPY_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def pack_kv(key: str, v: Value, big_endian: bool = False) -> bytes:
     return _pack_str(key, e) + _pack_value(v, e)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data) -> None:
     mv = memoryview(data)
     while mv:
         mv = mv[os.write(fd, mv):]
@@ -192,6 +192,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
     os.lseek(src_fd, offset, os.SEEK_SET)
     left = count
     use_cfr = hasattr(os, "copy_file_range")
+    buf = None
     while left > 0:
         n = 0
         if use_cfr:
@@ -202,10 +203,11 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
                     raise
                 use_cfr = False
                 continue
-        else:
-            buf = os.read(src_fd, min(left, _COPY_CHUNK))
-            n = len(buf)
-            _write_all(dst_fd, buf)
+        else:  # portable path: one reused buffer, so RSS stays flat
+            if buf is None:
+                buf = memoryview(bytearray(_COPY_CHUNK))
+            n = os.readv(src_fd, [buf[:min(left, _COPY_CHUNK)]])
+            _write_all(dst_fd, buf[:n])
         if n == 0:
             raise KvtoolError("input GGUF ended early while copying tensor data (truncated?)")
         left -= n
