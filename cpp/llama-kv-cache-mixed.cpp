@@ -473,6 +473,10 @@ llama_memory_i * kvtool_create_memory(const llama_model & model, const llama_mem
         why = "the model uses MLA attention";
     } else if (cparams.training) {
         why = "training contexts are not supported";
+    } else if (hp.n_embd_head_k() % ggml_blck_size(params.type_k) != 0 ||
+               hp.n_embd_head_v() % ggml_blck_size(params.type_v) != 0) {
+        // a group may hold a single head, so one head's row must be whole quantization blocks
+        why = "the head size is not a multiple of the KV cache type's block size";
     }
     if (why) {
         LLAMA_LOG_WARN("%s: kvtool: mixed KV refused for %s: %s; running with a full cache\n", __func__,

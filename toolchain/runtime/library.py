@@ -57,3 +57,38 @@ def require_patched() -> ctypes.CDLL:
     if _fn("kvtool_runtime_version", ctypes.c_int, []) is None:
         raise RuntimeNotBuilt()
     return _lib()
+
+
+def kv_bytes(ctx) -> tuple[bool, int, int]:
+    """(mixed active, full-head bytes, ring bytes) allocated by a llama_context (a ctypes pointer)."""
+    f = _fn("kvtool_kv_bytes", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)])
+    if f is None:
+        raise RuntimeNotBuilt()
+    full, ring = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    rc = f(ctx, ctypes.byref(full), ctypes.byref(ring))
+    return rc == 1, int(full.value), int(ring.value)
+
+
+def kv_used_cells(ctx) -> tuple[int, int]:
+    """Cells in use now: (full-head cache, rings)."""
+    f = _fn("kvtool_kv_used_cells", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32)])
+    if f is None:
+        raise RuntimeNotBuilt()
+    full, ring = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    f(ctx, ctypes.byref(full), ctypes.byref(ring))
+    return int(full.value), int(ring.value)
+
+
+def kv_groups(ctx) -> list[tuple[int, int]]:
+    """[(window, cells)] of the mixed cache's head groups; [] when the context runs a stock cache."""
+    n = _fn("kvtool_kv_n_groups", ctypes.c_int, [ctypes.c_void_p])
+    info = _fn("kvtool_kv_group_info", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int,
+                                                      ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32)])
+    if n is None or info is None:
+        raise RuntimeNotBuilt()
+    out = []
+    for g in range(n(ctx)):
+        w, c = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        info(ctx, g, ctypes.byref(w), ctypes.byref(c))
+        out.append((int(w.value), int(c.value)))
+    return out

@@ -1,0 +1,141 @@
+"""Predicted KV-cache bytes, full vs mixed: the formula the runtime allocates by (docs/memory.md).
+
+Why a Python copy of the allocation rule: `inspect` and `plan` must answer "what fits on my laptop" without loading
+the model, and tests check that the runtime's measured bytes (kvtool_kv_bytes) equal this prediction exactly.
+
+Rule (llama.cpp 0c1e570 + kvtool), per cache of `cells` cells and `streams` streams:
+  bytes = streams * cells * sum over its layers of (row(type_k, d_k * h_l) + row(type_v, dv_l))
+  dv_l  = d_v * h_l with flash attention; without it V is stored transposed and every layer is padded to the
+          largest d_v * h_l of that cache (llama.cpp's [TAG_V_CACHE_VARIABLE]): mixed masks lose V savings then.
+  full cache cells = n_ctx_seq (n_ctx padded to 256; divided by n_seq when not unified, padded again)
+  ring of window W: min(n_ctx_seq, pad256(min(n_ctx_seq, (W + S) * (n_seq if unified else 1) + n_ubatch)))
+A window >= n_ctx_seq is a full head. Heads with equal windows share one ring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import KvtoolError
+
+# ggml block size and bytes per block of the cache types llama.cpp accepts for K/V
+CACHE_TYPES = {
+    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2),
+    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "iq4_nl": (32, 18),
+}
+# ggml_type enum values, for llama_context_params.type_k/type_v
+GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+
+
+def pad(x: int, n: int) -> int:
+    return (x + n - 1) // n * n
+
+
+def row_bytes(cache_type: str, n: int) -> int:
+    blck, size = CACHE_TYPES[cache_type]
+    if n % blck:
+        raise KvtoolError(f"cache type {cache_type} needs rows that are a multiple of {blck} values, got {n}")
+    return n // blck * size
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the KV cache depends on: per-layer KV head counts and head sizes."""
+
+    arch: str
+    n_layer: int
+    n_head_kv: tuple[int, ...]
+    head_dim_k: int
+    head_dim_v: int
+    n_ctx_train: Optional[int] = None
+
+
+@dataclass
+class KVPlan:
+    n_ctx: int
+    n_ctx_seq: int
+    stock_bytes: int
+    full_bytes: int
+    ring_bytes: int
+    full_cells: int
+    ring_cells: dict[int, int] = field(default_factory=dict)  # window -> cells
+    mixed: bool = False
+
+    @property
+    def mixed_bytes(self) -> int:
+        return self.full_bytes + self.ring_bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.mixed_bytes / self.stock_bytes if self.stock_bytes else 1.0
+
+
+def dims_from_gguf(path: str | Path) -> ModelDims:
+    from converters.gguf_budgets import open_gguf
+
+    with open_gguf(path) as h:
+        arch = h.value("general.architecture")
+        n_layer = int(h.value(f"{arch}.block_count"))
+        n_head = h.value(f"{arch}.attention.head_count")
+        hkv = h.value(f"{arch}.attention.head_count_kv", n_head)
+        heads = tuple(int(x) for x in hkv) if isinstance(hkv, list) else (int(hkv),) * n_layer
+        n_head0 = int(n_head[0] if isinstance(n_head, list) else n_head)
+        n_embd = int(h.value(f"{arch}.embedding_length"))
+        dk = int(h.value(f"{arch}.attention.key_length", n_embd // n_head0))
+        dv = int(h.value(f"{arch}.attention.value_length", dk))
+        ctx_train = h.value(f"{arch}.context_length")
+    return ModelDims(arch, n_layer, heads, dk, dv, int(ctx_train) if ctx_train else None)
+
+
+def _cache_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
+                 type_k: str, type_v: str, flash_attn: bool) -> int:
+    v_max = max(dims.head_dim_v * h for h in heads_per_layer)
+    total = 0
+    for h in heads_per_layer:
+        if h == 0:
+            continue  # layer filtered out of this cache
+        dv = dims.head_dim_v * h if flash_attn else v_max
+        total += row_bytes(type_k, dims.head_dim_k * h) + row_bytes(type_v, dv)
+    return total * cells * streams
+
+
+def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: int, n_ctx: int,
+            n_ubatch: int = 512, n_seq: int = 1, type_k: str = "f16", type_v: Optional[str] = None,
+            flash_attn: bool = True, unified: bool = False, mixed: bool = True) -> KVPlan:
+    """Bytes the runtime allocates for these settings; ``windows`` [layer][head] (0 = full) or None for stock."""
+    type_v = type_v or type_k
+    for t in (type_k, type_v):
+        if t not in CACHE_TYPES:
+            raise KvtoolError(f"unknown cache type {t!r} (choose from {', '.join(CACHE_TYPES)})")
+    if n_ctx < 1 or n_ubatch < 1 or n_seq < 1:
+        raise KvtoolError("n_ctx, n_ubatch and n_seq must be >= 1")
+    n_ctx_pad = pad(n_ctx, 256)
+    if unified or n_seq == 1:
+        n_ctx_seq = n_ctx_pad
+    else:
+        n_ctx_seq = pad(n_ctx_pad // n_seq, 256)
+    streams = 1 if unified else n_seq
+    stock = _cache_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
+
+    def eff(w: int) -> int:
+        return 0 if w >= n_ctx_seq else w
+
+    active = bool(mixed and windows is not None and any(eff(w) > 0 for row in windows for w in row))
+    if not active:
+        return KVPlan(n_ctx_pad, n_ctx_seq, stock, stock, 0, n_ctx_seq, {}, False)
+
+    groups = sorted({eff(w) for row in windows for w in row})
+    full_bytes = ring_bytes = 0
+    ring_cells: dict[int, int] = {}
+    for w in groups:
+        per_layer = [sum(1 for x in row if eff(x) == w) for row in windows]
+        if w == 0:
+            full_bytes = _cache_bytes(dims, per_layer, n_ctx_seq, streams, type_k, type_v, flash_attn)
+        else:
+            need = (w + sink) * (n_seq if unified else 1) + n_ubatch
+            cells = min(n_ctx_seq, pad(min(n_ctx_seq, need), 256))
+            ring_cells[w] = cells
+            ring_bytes += _cache_bytes(dims, per_layer, cells, streams, type_k, type_v, flash_attn)
+    return KVPlan(n_ctx_pad, n_ctx_seq, stock, full_bytes, ring_bytes, n_ctx_seq if 0 in groups else 0,
+                  ring_cells, True)
