@@ -24,7 +24,8 @@ from toolchain.errors import KvtoolError
 from toolchain.heads import HeadsMask, default_file_mode, shape_error
 
 from .gguf_header import SCALAR_FMT as _SCALAR_FMT
-from .gguf_header import T_ARR, T_BOOL, T_F32, T_I32, T_STR, T_U32, GGUFHeader
+from .gguf_header import (T_ARR, T_BOOL, T_F32, T_F64, T_I8, T_I16, T_I32, T_I64, T_STR, T_U8, T_U16, T_U32,
+                          T_U64, GGUFHeader)
 
 KVTOOL_VERSION = 1
 PREFIX = "kvtool."
@@ -99,19 +100,23 @@ def model_shape(h: GGUFHeader) -> ModelShape:
 
 @dataclass(frozen=True)
 class Budgets:
-    """The kvtool keys of a file, validated (what ``inspect`` and the runtime tests read)."""
+    """The kvtool keys of a file, validated by the same rules as the runtime (cpp/kvtool-config.cpp)."""
 
     enabled: bool
     sink: int
-    head_window: list[list[int]]  # [layer][kv head], 0 = full
+    head_window: Optional[list[list[int]]]  # [layer][kv head], 0 = full; None when the file has no budgets
     method: Optional[str]
     sparsity: Optional[float]
     beacon_token_id: Optional[int]
     beacon_interval: Optional[int]
 
 
+_INT_TYPES = (T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_U64, T_I64)
+_I32_MAX = 0x7FFFFFFF
+
+
 def read_budgets(path: str | os.PathLike) -> Optional[Budgets]:
-    """None when the file has no kvtool keys; KvtoolError naming the key when they are inconsistent."""
+    """None when the file has no kvtool keys; KvtoolError naming the key when the runtime would refuse them."""
     with open_gguf(path) as h:
         return _budgets(h)
 
@@ -121,40 +126,51 @@ def _budgets(h: GGUFHeader) -> Optional[Budgets]:
     kv = {k: s for k, s in h.kvs.items() if k.startswith(PREFIX)}
     if not kv:
         return None
-    shape = model_shape(h)
 
-    def get(key: str, t: int, sub: Optional[int] = None, required: bool = True):
+    def get(key: str, types: tuple, what: str):
         s = kv.get(key)
         if s is None:
-            if required:
-                raise KvtoolError(f"{path}: {key} is missing")
             return None
-        if (s.type, s.sub) != (t, sub):
-            raise KvtoolError(f"{path}: {key} has the wrong type")
+        if s.type not in types:
+            raise KvtoolError(f"{path}: {key} has the wrong type (expected {what})")
         return h.value(key)
 
-    ver = get(K_VERSION, T_U32)
-    if ver != KVTOOL_VERSION:
+    ver = get(K_VERSION, _INT_TYPES, "u32")
+    if ver is not None and ver != KVTOOL_VERSION:
         raise KvtoolError(f"{path}: {K_VERSION} is {ver}, this kvtool reads {KVTOOL_VERSION}")
-    enabled = bool(get(K_ENABLED, T_BOOL))
-    sink = int(get(K_SINK, T_U32))
-    hw = get(K_HEAD_WINDOW, T_ARR, T_I32)
-    if len(hw) != shape.n_layer * shape.n_head_kv:
-        raise KvtoolError(f"{path}: {K_HEAD_WINDOW} has {len(hw)} entries, expected "
-                          f"{shape.n_layer}x{shape.n_head_kv} = {shape.n_layer * shape.n_head_kv}")
-    if any(w < 0 for w in hw):
-        raise KvtoolError(f"{path}: {K_HEAD_WINDOW} has a negative window")
-    method = get(K_METHOD, T_STR, required=False)
-    sparsity = get(K_SPARSITY, T_F32, required=False)
-    tok = get(K_BEACON_TOKEN, T_U32, required=False)
-    interval = get(K_BEACON_INTERVAL, T_U32, required=False)
+    head_window = None
+    if K_HEAD_WINDOW in kv:
+        span = kv[K_HEAD_WINDOW]
+        if span.type != T_ARR or span.sub not in (T_I32, T_U32):
+            raise KvtoolError(f"{path}: {K_HEAD_WINDOW} has the wrong type (expected an i32 array)")
+        shape = model_shape(h)
+        hw = h.value(K_HEAD_WINDOW)
+        if len(hw) != shape.n_layer * shape.n_head_kv:
+            raise KvtoolError(f"{path}: {K_HEAD_WINDOW} has {len(hw)} entries, expected "
+                              f"{shape.n_layer}x{shape.n_head_kv} = {shape.n_layer * shape.n_head_kv}")
+        if any(not 0 <= w <= _I32_MAX for w in hw):
+            raise KvtoolError(f"{path}: {K_HEAD_WINDOW} has a negative window (0 = full head)")
+        H = shape.n_head_kv
+        head_window = [list(hw[i * H:(i + 1) * H]) for i in range(shape.n_layer)]
+    enabled = get(K_ENABLED, (T_BOOL,), "bool")
+    enabled = head_window is not None if enabled is None else bool(enabled)
+    if enabled and head_window is None:
+        raise KvtoolError(f"{path}: {K_HEAD_WINDOW} is missing (required when {K_ENABLED} is true)")
+    sink = get(K_SINK, _INT_TYPES, "u32")
+    sink = 0 if sink is None else int(sink)
+    if not 0 <= sink <= _I32_MAX:
+        raise KvtoolError(f"{path}: {K_SINK} must be a non-negative u32, got {sink}")
+    method = get(K_METHOD, (T_STR,), "string")
+    sparsity = get(K_SPARSITY, (T_F32, T_F64), "f32")
+    tok = get(K_BEACON_TOKEN, _INT_TYPES, "u32")
+    interval = get(K_BEACON_INTERVAL, _INT_TYPES, "u32")
     if (tok is None) != (interval is None):
         raise KvtoolError(f"{path}: {K_BEACON_TOKEN} and {K_BEACON_INTERVAL} must be given together")
     if interval is not None and interval < 1:
         raise KvtoolError(f"{path}: {K_BEACON_INTERVAL} must be >= 1")
-    H = shape.n_head_kv
-    return Budgets(enabled, sink, [list(hw[i * H:(i + 1) * H]) for i in range(shape.n_layer)], method,
-                   None if sparsity is None else float(sparsity), tok, interval)
+    if tok is not None and tok < 0:
+        raise KvtoolError(f"{path}: {K_BEACON_TOKEN} must be >= 0")
+    return Budgets(enabled, sink, head_window, method, None if sparsity is None else float(sparsity), tok, interval)
 
 
 # --- writing ----------------------------------------------------------------------------------------------------
@@ -285,8 +301,8 @@ def budget_keys(mask: HeadsMask, beacon_token: Optional[int] = None, beacon_inte
         K_METHOD: Value(T_STR, mask.method),
         K_SPARSITY: Value(T_F32, float(mask.sparsity)),
     }
-    if mask.sink > 0xFFFFFFFF or mask.window > 0x7FFFFFFF:
-        raise KvtoolError("sink must fit in u32 and window in i32")
+    if mask.sink > _I32_MAX or mask.window > _I32_MAX:
+        raise KvtoolError(f"sink and window must be <= {_I32_MAX} (the runtime's limit)")
     if (beacon_token is None) != (beacon_interval is None):
         raise KvtoolError("--beacon-token and --beacon-interval go together")
     if beacon_token is not None:

@@ -232,19 +232,34 @@ def test_beacon_validation(src, tmp_path, kw, msg):
     assert listing(tmp_path) == ["m.gguf"]
 
 
-def test_read_budgets_rejects_inconsistent_keys(src, tmp_path):
+def test_read_budgets_follows_runtime_rules(src, tmp_path):
     V, T = gb.Value, gb
     base = gb.budget_keys(mask_for())
-    bad = dict(base)
-    bad[gb.K_HEAD_WINDOW] = V(T.T_ARR, [0, 64, 0], T.T_I32)
-    gb.rewrite_gguf(src, tmp_path / "a.gguf", bad)
+
+    def write(name, keys):
+        return gb.rewrite_gguf(src, tmp_path / name, keys, drop=lambda k: k.startswith("kvtool."))
+
+    bad = dict(base, **{gb.K_HEAD_WINDOW: V(T.T_ARR, [0, 64, 0], T.T_I32)})
     with pytest.raises(KvtoolError, match="head_window has 3 entries, expected 3x2 = 6"):
-        gb.read_budgets(tmp_path / "a.gguf")
-    bad = dict(base)
-    bad[gb.K_SINK] = V(T.T_I32, 4)
-    gb.rewrite_gguf(src, tmp_path / "b.gguf", bad)
+        gb.read_budgets(write("a.gguf", bad))
+    bad = dict(base, **{gb.K_SINK: V(T.T_STR, "4")})
     with pytest.raises(KvtoolError, match="kvtool.kv.sink has the wrong type"):
-        gb.read_budgets(tmp_path / "b.gguf")
+        gb.read_budgets(write("b.gguf", bad))
+    bad = dict(base, **{gb.K_HEAD_WINDOW: V(T.T_ARR, [0, -1, 0, 0, 0, 0], T.T_I32)})
+    with pytest.raises(KvtoolError, match="negative window"):
+        gb.read_budgets(write("c.gguf", bad))
+    bad = dict(base, **{gb.K_VERSION: V(T.T_U32, 2)})
+    with pytest.raises(KvtoolError, match="kvtool.version is 2"):
+        gb.read_budgets(write("d.gguf", bad))
+    bad = {gb.K_ENABLED: V(T.T_BOOL, True)}
+    with pytest.raises(KvtoolError, match="head_window is missing"):
+        gb.read_budgets(write("e.gguf", bad))
+    # like the runtime: enabled defaults to "budgets present", sink to 0
+    minimal = {gb.K_HEAD_WINDOW: base[gb.K_HEAD_WINDOW]}
+    b = gb.read_budgets(write("f.gguf", minimal))
+    assert b.enabled and b.sink == 0 and b.method is None
+    off = dict(base, **{gb.K_ENABLED: V(T.T_BOOL, False)})
+    assert not gb.read_budgets(write("g.gguf", off)).enabled
 
 
 # --- the command ------------------------------------------------------------------------------------------------
