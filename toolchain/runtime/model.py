@@ -1,0 +1,460 @@
+"""``Model``: the Python API local apps import (``from toolchain import Model``).
+
+Built on llama-cpp-python's ``Llama`` (tokenizer, sampler chain, stop strings, UTF-8 safe streaming), with what
+kvtool needs on top:
+
+* budgets apply by themselves: the patched libllama reads them from the GGUF. ``mixed=True/False`` overrides the
+  file's ``kvtool.kv.enabled`` through ``kv_overrides``, so one file A/B-tests a full cache against a mixed one;
+* flash attention defaults to ON for files with budgets. Without it llama.cpp stores V transposed and pads every
+  layer's V rows to the largest per-layer head count ([TAG_V_CACHE_VARIABLE]), so per-layer masks would lose
+  their V savings (ARCHITECTURE §4);
+* threads default to the physical core count: oversubscribing hyperthreads was measured to collapse throughput;
+* prefix reuse is guarded: llama.cpp keeps the cache from the previous call and only evaluates the new suffix, but
+  a mixed cache can refuse a tail truncation (``llama_memory_seq_rm`` returns false once a ring has dropped cells
+  that a token at the cut would need). ``Llama.eval`` ignores that result, so every generation checks it here and
+  falls back to clearing the cache and evaluating the whole prompt: reuse never runs on stale cells;
+* ``kv_stats()`` measures the allocated KV bytes (``kvtool_kv_bytes``) and compares them with what a full cache
+  of the same settings would take (``memory.predict``); ``last_stats`` times every generation.
+
+Thread safety: a ``Model`` is for use from ONE thread at a time (llama.cpp contexts are not reentrant). Servers
+serialize requests (``kvtool serve`` queues them behind one lock). The one exception is ``stop()``, which only sets
+a flag and may be called from a signal handler or another thread to end the current generation early.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+from ..errors import KvtoolError
+
+Messages = Sequence[dict]
+
+
+def _default_threads() -> int:
+    try:
+        from .threads import physical_cores
+    except ImportError:  # pragma: no cover - threads.py is part of the package
+        return max(1, os.cpu_count() or 1)
+    return physical_cores()
+
+
+@dataclass
+class GenStats:
+    """Timing of the latest generation. Rates are None when there is nothing to divide by."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0         # prompt prefix reused from the previous call's KV cache
+    prompt_eval_tokens: int = 0    # prompt tokens actually evaluated
+    generated_tokens: int = 0      # tokens sampled, the end-of-generation token excluded
+    prefill_s: float = 0.0         # start of the call to the first sampled token
+    decode_s: float = 0.0          # first to last sampled token
+    total_s: float = 0.0
+    finish_reason: str = ""        # "stop" (end token or stop string), "length", "cancelled"
+    cache_fallback: bool = False   # the mixed cache refused the prefix cut; the prompt was re-evaluated
+    _sampled: int = field(default=0, repr=False)
+
+    @property
+    def prefill_tok_s(self) -> Optional[float]:
+        return self.prompt_eval_tokens / self.prefill_s if self.prompt_eval_tokens and self.prefill_s > 0 else None
+
+    @property
+    def decode_tok_s(self) -> Optional[float]:
+        # n sampled tokens are separated by n-1 single-token decodes
+        return (self._sampled - 1) / self.decode_s if self._sampled > 1 and self.decode_s > 0 else None
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "prompt_eval_tokens": self.prompt_eval_tokens, "generated_tokens": self.generated_tokens,
+                "prefill_s": round(self.prefill_s, 6), "decode_s": round(self.decode_s, 6),
+                "total_s": round(self.total_s, 6), "prefill_tok_s": _r(self.prefill_tok_s),
+                "decode_tok_s": _r(self.decode_tok_s), "finish_reason": self.finish_reason,
+                "cache_fallback": self.cache_fallback}
+
+
+def _r(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 2)
+
+
+def _llama_class():
+    """``Llama`` with a guarded, timed ``generate`` (made on first use: importing llama_cpp loads libllama)."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    class _KvLlama(Llama):
+        # set by Model around each completion call
+        _kv_rec: Optional[GenStats] = None
+        _kv_t0: float = 0.0
+        _kv_stop: bool = False
+
+        def _kv_prepare(self, tokens: list) -> int:
+            """Reuse the cached prefix only if the cache can be cut there; returns the reused length."""
+            if self.n_tokens == 0:
+                return 0
+            longest = Llama.longest_token_prefix(self._input_ids.tolist(), tokens)
+            consumed = longest == len(tokens)
+            if consumed and self.n_tokens == len(tokens) and not getattr(self, "_requires_eval", True):
+                return longest  # exact hit: Llama samples from the live logits, nothing to cut
+            reuse = longest - 1 if consumed else longest  # one token is re-evaluated to refresh the logits
+            if reuse > 0 and self._ctx.kv_cache_seq_rm(-1, reuse, -1):
+                return reuse
+            # no common prefix, or a ring no longer holds what the cut needs: start from an empty cache
+            if reuse > 0 and self._kv_rec is not None:
+                self._kv_rec.cache_fallback = True
+            self._ctx.kv_cache_clear()
+            self.n_tokens = 0
+            self._requires_eval = True
+            return 0
+
+        def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
+            tokens = list(tokens)
+            rec = self._kv_rec
+            reused = self._kv_prepare(tokens)
+            if rec is not None:
+                rec.prompt_tokens = len(tokens)
+                rec.cached_tokens = reused
+                rec.prompt_eval_tokens = len(tokens) - reused
+            inner = Llama.generate(self, tokens, *args, **kwargs)
+            vocab = self._model.vocab
+            is_eog = llama_cpp.llama_vocab_is_eog
+            clock = time.perf_counter
+            t_first = None
+            try:
+                for tok in inner:
+                    now = clock()
+                    if rec is not None:
+                        if t_first is None:
+                            t_first = now
+                            rec.prefill_s = now - self._kv_t0
+                        rec._sampled += 1
+                        rec.decode_s = now - t_first
+                        if not is_eog(vocab, tok):
+                            rec.generated_tokens += 1
+                    if self._kv_stop:
+                        if rec is not None:
+                            rec.finish_reason = "cancelled"
+                        return
+                    yield tok
+            finally:
+                inner.close()
+
+    return _KvLlama
+
+
+_LLAMA_CLS = None
+
+
+def _cls():
+    global _LLAMA_CLS
+    if _LLAMA_CLS is None:
+        _LLAMA_CLS = _llama_class()
+    return _LLAMA_CLS
+
+
+def _check_path(path: Union[str, os.PathLike]) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise KvtoolError(f"{p}: no such file")
+    if p.is_dir():
+        raise KvtoolError(f"{p}: is a directory, expected a .gguf file")
+    return p
+
+
+def _content_text(content: Any, i: int) -> str:
+    """A message's content: a string, or OpenAI-style parts of which only text is supported."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise KvtoolError(f"message {i}: only text content is supported, got a {kind!r} part")
+        return "".join(out)
+    raise KvtoolError(f"message {i}: content must be a string, got {type(content).__name__}")
+
+
+class Model:
+    """A GGUF loaded with the patched runtime. Single-thread use only (``stop()`` excepted): see the module doc.
+
+    >>> m = Model.load("model.gguf")
+    >>> m.generate("The capital of France is", max_tokens=8)
+    >>> for piece in m.chat([{"role": "user", "content": "Hi"}], stream=True): print(piece, end="")
+    >>> m.kv_stats()["allocated_bytes"], m.last_stats.decode_tok_s
+    """
+
+    def __init__(self, llm, path: Path, budgets, dims, mixed_requested: Optional[bool], flash_attn: bool,
+                 cache_type: str, n_ctx_requested: int):
+        self._llm = llm
+        self.path = path
+        self.name = path.name
+        self.budgets = budgets
+        self.dims = dims
+        self.mixed_requested = mixed_requested
+        self.flash_attn = flash_attn
+        self.cache_type = cache_type
+        self._n_ctx_requested = n_ctx_requested
+        self.n_threads = llm.n_threads
+        self.last_stats: Optional[GenStats] = None
+        self._formatter = None
+        self._gen_id = 0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], n_ctx: int = 4096, n_threads: Optional[int] = None,
+             n_ubatch: int = 512, cache_type: str = "f16", mixed: Optional[bool] = None,
+             flash_attn: Optional[bool] = None, seed: int = 0, verbose: bool = False) -> "Model":
+        """Load a GGUF.
+
+        ``mixed``: None follows the file's ``kvtool.kv.enabled``; True/False override it for this load only.
+        ``flash_attn``: None means ON when the file has budgets (mixed V savings need it), else off as in
+        llama-cpp-python. ``n_threads``: None means the physical core count. ``n_ubatch`` also sizes the rings
+        (ring cells = pad256(window + sink + n_ubatch)), so small machines want a small ``n_ubatch``.
+        """
+        from converters.gguf_budgets import read_budgets
+
+        from .library import require_patched
+        from .memory import GGML_TYPE_IDS, dims_from_gguf
+
+        p = _check_path(path)
+        budgets = read_budgets(p)  # KvtoolError for a non-GGUF or truncated file, or bad kvtool keys
+        dims = dims_from_gguf(p)
+        if int(n_ctx) < 1:
+            raise KvtoolError(f"n_ctx must be >= 1, got {n_ctx}")
+        if int(n_ubatch) < 1:
+            raise KvtoolError(f"n_ubatch must be >= 1, got {n_ubatch}")
+        if n_threads is not None and int(n_threads) < 1:
+            raise KvtoolError(f"n_threads must be >= 1, got {n_threads}")
+        if cache_type not in GGML_TYPE_IDS:
+            raise KvtoolError(f"unknown cache type {cache_type!r} (choose from {', '.join(GGML_TYPE_IDS)})")
+        has_budgets = budgets is not None and budgets.head_window is not None
+        overrides = None
+        if mixed is not None:
+            if mixed and not has_budgets:
+                raise KvtoolError(f"{p}: mixed=True but the file has no kvtool budgets "
+                                  f"(write them with: kvtool convert {p.name} --mask heads.json)")
+            if has_budgets:
+                overrides = {"kvtool.kv.enabled": bool(mixed)}
+        fa = has_budgets if flash_attn is None else bool(flash_attn)
+        if cache_type not in ("f16", "f32", "bf16") and not fa:
+            raise KvtoolError(f"a quantized KV cache ({cache_type}) needs flash attention; drop flash_attn=False")
+        require_patched()
+        threads = int(n_threads) if n_threads is not None else _default_threads()
+        tid = GGML_TYPE_IDS[cache_type]
+        try:
+            llm = _cls()(str(p), n_ctx=int(n_ctx), n_batch=max(512, int(n_ubatch)), n_ubatch=int(n_ubatch),
+                         n_threads=threads, n_threads_batch=threads, flash_attn=fa, type_k=tid, type_v=tid,
+                         seed=int(seed), kv_overrides=overrides, verbose=verbose)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise KvtoolError(f"{p}: llama.cpp could not load it ({e})", code=1) from e
+        return cls(llm, p, budgets, dims, mixed, fa, cache_type, int(n_ctx))
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ info
+    @property
+    def llama(self):
+        """The underlying ``llama_cpp.Llama`` (for what this wrapper does not cover)."""
+        return self._llm
+
+    @property
+    def n_ctx(self) -> int:
+        return self._llm.n_ctx()
+
+    @property
+    def n_ubatch(self) -> int:
+        return int(self._llm.context_params.n_ubatch)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._llm.metadata.get("tokenizer.chat_template"))
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        bos = [self._llm.token_bos()] if add_bos and self._llm._model.add_bos_token() and self._llm.token_bos() >= 0 else []
+        body = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special) if text else []
+        return bos + body
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def kv_stats(self) -> dict:
+        """Measured KV allocation and live cells, next to the bytes a full cache with the same settings takes."""
+        from .library import kv_bytes, kv_groups, kv_used_cells
+        from .memory import predict
+
+        ctx = self._llm._ctx.ctx
+        active, full_b, ring_b = kv_bytes(ctx)
+        full_c, ring_c = kv_used_cells(ctx)
+        windows = self.budgets.head_window if self.budgets is not None else None
+        plan = predict(self.dims, windows, self.budgets.sink if self.budgets else 0, self._n_ctx_requested,
+                       n_ubatch=self.n_ubatch, n_seq=1, type_k=self.cache_type, type_v=self.cache_type,
+                       flash_attn=self.flash_attn, mixed=active)
+        alloc = full_b + ring_b
+        return {"mixed": bool(active), "full_bytes": full_b, "ring_bytes": ring_b, "allocated_bytes": alloc,
+                "stock_bytes": plan.stock_bytes, "predicted_bytes": plan.mixed_bytes,
+                "ratio": round(alloc / plan.stock_bytes, 4) if plan.stock_bytes else None,
+                "live_full_cells": full_c, "live_ring_cells": ring_c,
+                "groups": [{"window": w, "cells": c} for w, c in kv_groups(ctx)],
+                "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
+                "cache_type": self.cache_type, "n_threads": self.n_threads}
+
+    # ------------------------------------------------------------------ generation
+    def stop(self) -> None:
+        """End the current generation after the token being computed (safe from a signal handler/other thread)."""
+        self._llm._kv_stop = True
+
+    def reset(self) -> None:
+        """Forget the cached prompt: the next call evaluates its prompt from scratch."""
+        self._llm._ctx.kv_cache_clear()
+        self._llm.n_tokens = 0
+        self._llm._requires_eval = True
+
+    def generate(self, prompt: str, max_tokens: Optional[int] = 256, temperature: float = 0.0,
+                 top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
+                 stream: bool = False) -> Union[str, Iterator[str]]:
+        """Complete a raw prompt (no chat template). ``stream=True`` returns an iterator of text pieces.
+
+        ``temperature=0`` is greedy. ``max_tokens`` None or <= 0 means up to the end of the context; a larger value
+        is capped there too (``last_stats.finish_reason`` is then "length"). The prompt's BOS is added as the model
+        says, special tokens in the text are parsed.
+        """
+        if not isinstance(prompt, str):
+            raise KvtoolError(f"prompt must be a string, got {type(prompt).__name__}")
+        tokens = self.tokenize(prompt)
+        return self._complete(tokens, [], max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed,
+                              stop, stream)
+
+    def chat(self, messages: Messages, max_tokens: Optional[int] = 256, temperature: float = 0.0,
+             top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
+             seed: Optional[int] = None, stop: Union[str, Sequence[str], None] = None,
+             stream: bool = False) -> Union[str, Iterator[str]]:
+        """Reply to ``[{"role": ..., "content": ...}, ...]`` using the GGUF's chat template.
+
+        Stateless: pass the whole conversation each time. The KV cache of the previous call is reused for the
+        common prefix, so a growing conversation only evaluates its new turn.
+        """
+        tokens, template_stop = self.render_chat(messages)
+        return self._complete(tokens, template_stop, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty,
+                              seed, stop, stream)
+
+    def render_chat(self, messages: Messages) -> tuple[list[int], list[str]]:
+        """Prompt tokens and stop strings for ``messages`` under the file's chat template."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise KvtoolError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+        norm = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise KvtoolError(f"message {i}: expected {{'role': str, 'content': str}}")
+            norm.append({**m, "content": _content_text(m.get("content"), i)})
+        fmt = self._chat_formatter()
+        try:
+            res = fmt(messages=norm)
+        except KvtoolError:
+            raise
+        except Exception as e:  # jinja2 errors, raise_exception() in the template
+            raise KvtoolError(f"{self.name}: the chat template failed on these messages: {e}") from e
+        body = self._llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
+        stops = res.stop if isinstance(res.stop, list) else ([res.stop] if res.stop else [])
+        return body, [s for s in stops if s]
+
+    def _chat_formatter(self):
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            tmpl = self._llm.metadata.get("tokenizer.chat_template")
+            if not tmpl:
+                raise KvtoolError(f"{self.name}: unknown chat template (the GGUF has no tokenizer.chat_template); "
+                                  f"use generate with a raw prompt")
+            llm = self._llm
+            eos_id, bos_id = llm.token_eos(), llm.token_bos()
+            eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""
+            bos = llm._model.token_get_text(bos_id) if bos_id != -1 else ""
+            try:
+                self._formatter = Jinja2ChatFormatter(template=tmpl, eos_token=eos, bos_token=bos,
+                                                      stop_token_ids=[eos_id])
+            except Exception as e:  # a template jinja2 cannot parse
+                raise KvtoolError(f"{self.name}: unknown chat template (jinja2 cannot parse it: {e})") from e
+        return self._formatter
+
+    def _complete(self, tokens: list, template_stop: list, max_tokens, temperature, top_p, top_k, min_p,
+                  repeat_penalty, seed, stop, stream):
+        n_ctx = self.n_ctx
+        if not tokens:
+            raise KvtoolError("empty prompt (and the model adds no BOS token)")
+        if len(tokens) >= n_ctx:
+            raise KvtoolError(f"prompt is {len(tokens)} tokens but the context holds {n_ctx} "
+                              f"(at least 1 must be left to generate): raise n_ctx (--n-ctx) or shorten the prompt")
+        stops = list(template_stop)
+        if isinstance(stop, str):
+            stops.append(stop)
+        elif stop:
+            stops.extend(s for s in stop if s)
+        if temperature < 0:
+            raise KvtoolError(f"temperature must be >= 0, got {temperature}")
+        kw = dict(prompt=tokens, max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
+                  temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
+                  repeat_penalty=float(repeat_penalty), seed=seed, stop=stops, model=self.name)
+        if stream:
+            return self._stream(kw)
+        rec = self._begin()
+        try:
+            out = self._llm.create_completion(stream=False, **kw)
+        finally:
+            self._end(rec)
+        if rec.finish_reason != "cancelled":
+            rec.finish_reason = out["choices"][0]["finish_reason"] or "stop"
+        return out["choices"][0]["text"]
+
+    def _begin(self) -> GenStats:
+        self._gen_id += 1
+        rec = GenStats()
+        llm = self._llm
+        llm._kv_rec, llm._kv_stop, llm._kv_t0 = rec, False, time.perf_counter()
+        self.last_stats = rec
+        return rec
+
+    def _end(self, rec: GenStats) -> None:
+        llm = self._llm
+        rec.total_s = time.perf_counter() - llm._kv_t0
+        llm._kv_rec = None
+        llm._kv_stop = False
+
+    def _stream(self, kw: dict) -> Iterator[str]:
+        rec = self._begin()
+        my_id = self._gen_id
+        it = self._llm.create_completion(stream=True, **kw)
+        finish = None
+        try:
+            for chunk in it:
+                if self._gen_id != my_id:
+                    raise KvtoolError("this stream was superseded by a newer generate/chat call on the same Model")
+                ch = chunk["choices"][0]
+                if ch.get("finish_reason"):
+                    finish = ch["finish_reason"]
+                if ch["text"]:
+                    yield ch["text"]
+        except GeneratorExit:
+            rec.finish_reason = "cancelled"
+            raise
+        finally:
+            it.close()
+            if self._gen_id == my_id:
+                self._end(rec)
+            if not rec.finish_reason:
+                rec.finish_reason = finish or "stop"
