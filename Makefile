@@ -42,8 +42,8 @@ $(VPY):
 
 $(CORE_STAMP): pyproject.toml | $(VPY)
 	@echo "[make] installing kvtool (no deps) and its small core/build dependencies"
-	$(PIP) install -q --no-deps -e .
 	$(PIP) install -q $(CORE_DEPS)
+	$(PIP) install -q --no-deps --no-warn-conflicts -e .
 	@touch $@
 
 runtime: $(CORE_STAMP)
