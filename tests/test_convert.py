@@ -440,6 +440,23 @@ def test_hf_dir_convert_k_quant(tiny_hf, tmp_path):
     assert np.isfinite(got).all()
 
 
+def test_heads_random_from_gguf_and_hf_dir(src, tiny_hf, tmp_path):
+    from toolchain.commands.heads import heads
+
+    heads.main(["random", "--model", str(src), "--sparsity", "0.5", "--seed", "3", "-o", str(tmp_path / "a.json")],
+               standalone_mode=False)
+    a = HeadsMask.load(tmp_path / "a.json")
+    assert (a.n_layer, a.n_head_kv, a.n_compressed()) == (3, 2, 3)
+    assert a.model == {"arch": "llama", "name": "tiny test model"} and a.extra == {"seed": 3}
+    heads.main(["random", "--model", str(tiny_hf["qwen2"]), "--sparsity", "1", "--seed", "0", "-o",
+                str(tmp_path / "b.json")], standalone_mode=False)
+    b = HeadsMask.load(tmp_path / "b.json")
+    assert (b.n_layer, b.n_head_kv, b.n_compressed()) == (2, 2, 4) and b.model["arch"] == "qwen2"
+    with pytest.raises(KvtoolError, match="not a GGUF"):
+        heads.main(["random", "--model", str(tmp_path / "a.json"), "--sparsity", "0.5", "--seed", "0"],
+                   standalone_mode=False)
+
+
 def test_hf_mask_shape_checked_before_converting(tiny_hf, tmp_path):
     with pytest.raises(KvtoolError, match="mask is 3x2 but model has 2x2"):
         convert_model(tiny_hf["llama"], mask_for(), tmp_path / "t.gguf", "f32")

@@ -44,7 +44,8 @@ def import_cmd(kind, file, sparsity, per_layer, sink, window, output):
 
 
 @heads.command("random")
-@click.option("--model", "model", type=click.Path(dir_okay=False), required=True, help="GGUF whose shape to use.")
+@click.option("--model", "model", type=click.Path(), required=True,
+              help="GGUF (or Hugging Face directory) whose shape to use.")
 @click.option("--sparsity", "-s", type=float, required=True, help="Fraction of KV heads to compress, in [0, 1].")
 @click.option("--seed", type=int, required=True, help="RNG seed (same seed, same mask).")
 @click.option("--per-layer", is_flag=True, help="Apply the rule inside each layer instead of globally.")
@@ -53,15 +54,20 @@ def import_cmd(kind, file, sparsity, per_layer, sink, window, output):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="heads.json to write (default: stdout).")
 def random_cmd(model, sparsity, seed, per_layer, sink, window, output):
     """A random baseline mask with exactly the rule's number of compressed heads."""
-    from converters.gguf_budgets import model_shape, open_gguf
+    if Path(model).is_dir():
+        from converters.hf_to_gguf import inspect_hf_dir
 
-    with open_gguf(model) as h:
-        shape = model_shape(h)
-    info = {"arch": shape.arch}
-    if shape.name:
-        info["name"] = shape.name
-    _emit(random_mask(shape.n_layer, shape.n_head_kv, sparsity, seed, per_layer, sink, window, info), output,
-          (model,))
+        hf = inspect_hf_dir(model)
+        L, H, info = hf.n_layer, hf.n_head_kv, {"arch": hf.gguf_arch, "name": Path(model).resolve().name}
+    else:
+        from converters.gguf_budgets import model_shape, open_gguf
+
+        with open_gguf(model) as h:
+            shape = model_shape(h)
+        L, H, info = shape.n_layer, shape.n_head_kv, {"arch": shape.arch}
+        if shape.name:
+            info["name"] = shape.name
+    _emit(random_mask(L, H, sparsity, seed, per_layer, sink, window, info), output, (model,))
 
 
 @heads.command("show")
