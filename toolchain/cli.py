@@ -68,6 +68,49 @@ def fetch(name):
     click.echo(str(fetch_smollm2(echo=_echo)))
 
 
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--ctx", default="4096,16384", show_default=True, help="Comma-separated context sizes.")
+@click.option("--variants", default="stock,mixed,mixed+q8_0", show_default=True)
+@click.option("--prompt", default=2048, show_default=True, help="Prefill prompt length.")
+@click.option("--decode", "n_decode", default=32, show_default=True, help="Decode steps per run.")
+@click.option("--repeats", default=3, show_default=True, help="Runs per figure (the median is reported).")
+@click.option("--ubatch", default=512, show_default=True)
+@click.option("--threads", type=int, default=None, help="Default: physical cores.")
+@click.option("--json", "as_json", is_flag=True, help="Print rows as JSON.")
+@click.option("--md", "md_out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown table here.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="PNG of decode tok/s and KV bytes vs context.")
+def bench(model, ctx, variants, prompt, n_decode, repeats, ubatch, threads, as_json, md_out, plot_out):
+    """Same file, mixed KV off vs on (vs on + q8_0): KV bytes, prefill and decode tok/s."""
+    from . import bench as b
+
+    try:
+        ctxs = [int(x) for x in ctx.split(",") if x.strip()]
+    except ValueError:
+        raise KvtoolError(f"--ctx must be comma-separated integers, got {ctx!r}")
+    rows = b.run_bench(model, ctxs, [v.strip() for v in variants.split(",") if v.strip()], prompt, n_decode, repeats,
+                       ubatch, threads, echo=_echo)
+    table = b.markdown(rows)
+    if md_out:
+        from .heads import write_atomic
+
+        write_atomic(md_out, (table + "\n").encode())
+    if plot_out:
+        b.plot(rows, plot_out)
+    click.echo(json.dumps(b.rows_json(rows), indent=1) if as_json else table)
+
+
+def _register() -> None:
+    """Verbs that live in their own modules (toolchain/commands/)."""
+    import importlib
+
+    for mod, attr in (("heads", "heads"), ("convert", "convert")):
+        cli.add_command(getattr(importlib.import_module(f"toolchain.commands.{mod}"), attr))
+
+
+_register()
+
+
 def main(argv=None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

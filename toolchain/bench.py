@@ -1,0 +1,171 @@
+"""`kvtool bench`: the same GGUF with mixed KV off vs on (and on + q8_0 cache), in one process.
+
+Why this design: the only fair comparison is the same file, same build, same threads, alternating variants in one
+process; the variants differ only by the `kvtool.kv.enabled` override and the cache type. Reported figures are
+medians of repeated runs; speed claims are ratios measured in the same run.
+
+Per context size C and variant:
+  - KV bytes: what the runtime allocated (kvtool_kv_bytes), not a log line;
+  - prefill tok/s: a `prompt`-token prompt into an empty cache (n_ubatch as given);
+  - decode tok/s: `n_decode` single-token steps with the cache filled to about C tokens. The fill is done once per
+    variant; each repeat removes its decoded tail with seq_rm (which the ring can honour) and decodes again.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import KvtoolError
+
+VARIANTS = {
+    "stock": dict(mixed=False, cache="f16"),
+    "mixed": dict(mixed=True, cache="f16"),
+    "mixed+q8_0": dict(mixed=True, cache="q8_0"),
+}
+
+
+@dataclass
+class BenchRow:
+    ctx: int
+    variant: str
+    kv_bytes: int
+    full_bytes: int
+    ring_bytes: int
+    prefill_tps: float
+    decode_tps: float
+    prefill_runs: list
+    decode_runs: list
+
+
+def _load(path: Path, n_ctx: int, n_ubatch: int, n_threads: int, mixed: bool, cache: str):
+    from llama_cpp import Llama
+
+    from .runtime.memory import GGML_TYPE_IDS
+
+    t = GGML_TYPE_IDS[cache]
+    return Llama(str(path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, n_threads=n_threads,
+                 n_threads_batch=n_threads, flash_attn=True, type_k=t, type_v=t, verbose=False,
+                 kv_overrides={"kvtool.kv.enabled": mixed})
+
+
+def _clear(llm) -> None:
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+
+
+def bench_one(path: Path, ctx: int, variant: str, prompt: int, n_decode: int, repeats: int, n_ubatch: int,
+              n_threads: int, rng: np.random.Generator, echo: Callable[[str], None]) -> BenchRow:
+    from .runtime.library import kv_bytes
+
+    spec = VARIANTS[variant]
+    llm = _load(path, ctx, n_ubatch, n_threads, spec["mixed"], spec["cache"])
+    try:
+        mixed, full, ring = kv_bytes(llm._ctx.ctx)
+        if spec["mixed"] and not mixed:
+            raise KvtoolError(f"{path} has no kvtool budgets (mixed mode did not activate); convert it with --mask first")
+        n_vocab = llm.n_vocab()
+        toks = rng.integers(100, n_vocab - 100, size=ctx).tolist()
+
+        prefill_runs = []
+        p = min(prompt, ctx - n_decode - 1)
+        for _ in range(repeats):
+            _clear(llm)
+            t0 = time.perf_counter()
+            llm.eval(toks[:p])
+            prefill_runs.append(p / (time.perf_counter() - t0))
+
+        _clear(llm)
+        fill = ctx - n_decode - 1
+        echo(f"[bench] ctx {ctx} {variant}: filling {fill} tokens")
+        llm.eval(toks[:fill])
+        decode_runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(n_decode):
+                llm.eval([toks[fill + i]])
+            decode_runs.append(n_decode / (time.perf_counter() - t0))
+            if not llm._ctx.kv_cache_seq_rm(0, fill, -1):
+                raise KvtoolError("the cache refused to drop the decoded tail; cannot repeat the decode run")
+            llm.n_tokens = fill
+        return BenchRow(ctx, variant, full + ring, full, ring, statistics.median(prefill_runs),
+                        statistics.median(decode_runs), prefill_runs, decode_runs)
+    finally:
+        llm.close()
+
+
+def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock", "mixed", "mixed+q8_0"),
+              prompt: int = 2048, n_decode: int = 32, repeats: int = 3, n_ubatch: int = 512,
+              n_threads: Optional[int] = None, seed: int = 0, echo: Callable[[str], None] = print) -> list[BenchRow]:
+    from converters.gguf_budgets import open_gguf
+
+    from .runtime.library import require_patched
+    from .runtime.threads import physical_cores
+
+    p = Path(path)
+    if not p.is_file():
+        raise KvtoolError(f"model not found: {path}")
+    with open_gguf(p):
+        pass
+    require_patched()
+    for v in variants:
+        if v not in VARIANTS:
+            raise KvtoolError(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
+    if repeats < 1 or n_decode < 1 or prompt < 1:
+        raise KvtoolError("--repeats, --decode and --prompt must be >= 1")
+    for c in ctxs:
+        if c < prompt + n_decode + 2 and c < n_decode + 64:
+            raise KvtoolError(f"context {c} is too small for the benchmark")
+    threads = n_threads or physical_cores()
+    rows = []
+    for c in ctxs:
+        for v in variants:
+            rows.append(bench_one(p, c, v, prompt, n_decode, repeats, n_ubatch, threads, np.random.default_rng(seed), echo))
+            r = rows[-1]
+            echo(f"[bench] ctx {c} {v}: KV {r.kv_bytes / 2**20:.1f} MiB, prefill {r.prefill_tps:.1f} tok/s, "
+                 f"decode {r.decode_tps:.2f} tok/s")
+    return rows
+
+
+def markdown(rows: list[BenchRow]) -> str:
+    """A table with ratios against the stock variant of the same context."""
+    base = {r.ctx: r for r in rows if r.variant == "stock"}
+    out = ["| ctx | variant | KV MiB | KV vs stock | prefill tok/s | prefill vs stock | decode tok/s | decode vs stock |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = base.get(r.ctx)
+        rel = (lambda a, s: f"{a / s:.3f}x" if b and s else "-")
+        out.append(f"| {r.ctx} | {r.variant} | {r.kv_bytes / 2**20:.1f} | {rel(r.kv_bytes, b.kv_bytes if b else 0)} | "
+                   f"{r.prefill_tps:.1f} | {rel(r.prefill_tps, b.prefill_tps if b else 0)} | {r.decode_tps:.2f} | "
+                   f"{rel(r.decode_tps, b.decode_tps if b else 0)} |")
+    return "\n".join(out)
+
+
+def rows_json(rows: list[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def plot(rows: list[BenchRow], out: str) -> None:
+    """Decode tok/s and KV bytes against context length, one line per variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise KvtoolError("--plot needs matplotlib (pip install 'kvtool[train]')") from e
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for v in dict.fromkeys(r.variant for r in rows):
+        rs = sorted((r for r in rows if r.variant == v), key=lambda r: r.ctx)
+        a.plot([r.ctx for r in rs], [r.decode_tps for r in rs], marker="o", label=v)
+        b.plot([r.ctx for r in rs], [r.kv_bytes / 2**20 for r in rs], marker="o", label=v)
+    a.set_xlabel("context (tokens)"); a.set_ylabel("decode tok/s"); a.legend()
+    b.set_xlabel("context (tokens)"); b.set_ylabel("KV cache MiB"); b.legend()
+    fig.tight_layout()
+    tmp = Path(out).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(out)
