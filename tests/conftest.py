@@ -37,3 +37,21 @@ def tokens():
     import numpy as np
 
     return np.random.default_rng(11).integers(3, 100, size=300).tolist()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The demo model (fetched once into ~/.cache/kvtool/models; CI caches it)."""
+    from toolchain.models import fetch_smollm2
+
+    return fetch_smollm2(echo=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_masked(smollm2, tmp_path_factory):
+    """SmolLM2 with a seeded random s=0.5 mask, S=16, W=64 (ARCHITECTURE's bench setting)."""
+    from converters.gguf_budgets import apply_mask
+    from toolchain.heads import random_mask
+
+    mask = random_mask(30, 3, 0.5, seed=0)
+    return apply_mask(smollm2, tmp_path_factory.mktemp("smol") / "smol-s05.gguf", mask)

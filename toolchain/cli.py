@@ -104,7 +104,7 @@ def _register() -> None:
     """Verbs that live in their own modules (toolchain/commands/)."""
     import importlib
 
-    for mod, attr in (("heads", "heads"), ("convert", "convert")):
+    for mod, attr in (("heads", "heads"), ("convert", "convert"), ("inspect", "inspect_cmd"), ("inspect", "plan_cmd")):
         cli.add_command(getattr(importlib.import_module(f"toolchain.commands.{mod}"), attr))
 
 

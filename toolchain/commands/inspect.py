@@ -1,0 +1,161 @@
+"""`kvtool inspect` and `kvtool plan`: what a converted GGUF will allocate, and what context fits in a memory budget.
+
+Both use toolchain/runtime/memory.py, the same rule the runtime allocates by (tests check measured == predicted),
+so the answer to "what do I gain on my laptop?" needs no model load.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Optional
+
+import click
+
+from ..errors import KvtoolError
+from ..runtime.memory import CACHE_TYPES, KVPlan, ModelDims, dims_from_gguf, predict
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise KvtoolError(f"cannot read memory size {text!r} (examples: 2GiB, 512MiB, 1.5GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.1f} MiB"
+
+
+def _load(model: str):
+    from converters.gguf_budgets import read_budgets
+
+    dims = dims_from_gguf(model)
+    return dims, read_budgets(model)
+
+
+def _check_cache(cache_type: str) -> None:
+    if cache_type not in CACHE_TYPES:
+        raise KvtoolError(f"unknown cache type {cache_type!r} (choose from {', '.join(CACHE_TYPES)})")
+
+
+def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type: str, flash_attn: bool) -> dict:
+    _check_cache(cache_type)
+    dims, b = _load(model)
+    windows = b.head_window if b else None
+    plan = predict(dims, windows, b.sink if b else 0, n_ctx, n_ubatch, n_seq, cache_type, cache_type, flash_attn,
+                   mixed=bool(b and b.enabled))
+    per_layer = [{"layer": i, "full": sum(1 for w in row if w == 0), "compressed": sum(1 for w in row if w > 0)}
+                 for i, row in enumerate(windows)] if windows else []
+    return {
+        "model": model, "arch": dims.arch, "n_layer": dims.n_layer, "n_head_kv": list(dims.n_head_kv),
+        "head_dim_k": dims.head_dim_k, "head_dim_v": dims.head_dim_v,
+        "budget_source": ("kvtool keys in the GGUF" + ("" if b.enabled else " (disabled)")) if b else "none (stock cache)",
+        "method": b.method if b else None, "sparsity": b.sparsity if b else None,
+        "sink": b.sink if b else None, "windows": sorted({w for row in windows for w in row if w > 0}) if windows else [],
+        "beacon": {"token_id": b.beacon_token_id, "interval": b.beacon_interval} if b and b.beacon_token_id is not None else None,
+        "per_layer": per_layer,
+        "n_ctx": plan.n_ctx, "n_ubatch": n_ubatch, "n_seq": n_seq, "cache_type": cache_type, "flash_attn": flash_attn,
+        "stock_bytes": plan.stock_bytes, "mixed_bytes": plan.mixed_bytes, "full_bytes": plan.full_bytes,
+        "ring_bytes": plan.ring_bytes, "ring_cells": plan.ring_cells, "ratio": plan.ratio, "mixed_active": plan.mixed,
+    }
+
+
+def max_ctx(dims: ModelDims, windows, sink: int, budget: int, n_ubatch: int, cache_type: str, mixed: bool,
+            limit: Optional[int] = None) -> int:
+    """Largest n_ctx (a multiple of 256) whose KV cache fits in ``budget`` bytes; 0 if even 256 does not fit."""
+    def fits(c: int) -> bool:
+        return predict(dims, windows, sink, c, n_ubatch, 1, cache_type, cache_type, True, mixed=mixed).mixed_bytes <= budget
+
+    if not fits(256):
+        return 0
+    lo, hi = 256, 512
+    cap = limit or (1 << 24)
+    while hi <= cap and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 256)
+    while hi - lo > 256:  # bytes grow with n_ctx, so bisect on multiples of 256
+        mid = (lo + hi) // 2 // 256 * 256
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return min(lo, cap)
+
+
+def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float]) -> dict:
+    dims, b = _load(model)
+    windows, sink, source = (b.head_window, b.sink, "file") if b else (None, 0, "none")
+    if sparsity is not None:
+        # what-if: a mask of this sparsity with the file's (or default) sink/window, heads chosen arbitrarily
+        from ..heads import DEFAULT_SINK, DEFAULT_WINDOW, check_sparsity, n_compressed
+
+        s = check_sparsity(sparsity)
+        w = max((x for row in (windows or []) for x in row), default=DEFAULT_WINDOW) or DEFAULT_WINDOW
+        sink = sink if b else DEFAULT_SINK
+        total = dims.n_layer * dims.n_head_kv[0]
+        k = n_compressed(s, total)
+        flat = [w if i < k else 0 for i in range(total)]
+        windows = [flat[i * dims.n_head_kv[0]:(i + 1) * dims.n_head_kv[0]] for i in range(dims.n_layer)]
+        source = f"what-if sparsity {s}"
+    rows = {}
+    for name, wins, cache, mixed in (("full", None, "f16", False), ("mixed", windows, "f16", True),
+                                     ("mixed+q8_0", windows, "q8_0", True)):
+        if mixed and not windows:
+            continue
+        c = max_ctx(dims, wins, sink, budget, n_ubatch, cache, mixed)
+        rows[name] = {"max_ctx": c, "cache_type": cache,
+                      "kv_bytes": predict(dims, wins, sink, c, n_ubatch, 1, cache, cache, True, mixed=mixed).mixed_bytes if c else 0}
+    return {"model": model, "budget_bytes": budget, "n_ubatch": n_ubatch, "mask": source,
+            "n_ctx_train": dims.n_ctx_train, "plans": rows}
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option("--ctx", "n_ctx", default=4096, show_default=True)
+@click.option("--ubatch", "n_ubatch", default=512, show_default=True)
+@click.option("--seqs", "n_seq", default=1, show_default=True)
+@click.option("--cache-type", default="f16", show_default=True, help="f16 | q8_0 | q4_0 | ...")
+@click.option("--no-flash-attn", is_flag=True, help="Predict for flash attention off (V cache padded per layer).")
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, as_json):
+    """Architecture, heads, budgets, and predicted KV bytes full vs mixed for a context."""
+    r = inspect_report(model, n_ctx, n_ubatch, n_seq, cache_type, not no_flash_attn)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+        return
+    click.echo(f"model       {r['model']}")
+    click.echo(f"arch        {r['arch']}: {r['n_layer']} layers x {r['n_head_kv'][0]} KV heads, head dim {r['head_dim_k']}")
+    click.echo(f"budgets     {r['budget_source']}" + (f", method {r['method']}, sparsity {r['sparsity']}" if r["method"] else ""))
+    if r["windows"]:
+        click.echo(f"            sink {r['sink']}, windows {r['windows']}")
+        click.echo("layers      " + " ".join(f"{p['full']}F{p['compressed']}c" for p in r["per_layer"]))
+    if r["beacon"]:
+        click.echo(f"beacon      token {r['beacon']['token_id']}, every {r['beacon']['interval']} tokens")
+    click.echo(f"KV @ {r['n_ctx']} ctx, ubatch {r['n_ubatch']}, {r['n_seq']} seq, {r['cache_type']}"
+               f"{'' if r['flash_attn'] else ', FA off'}:")
+    click.echo(f"  full cache  {_mib(r['stock_bytes'])}")
+    if r["mixed_active"]:
+        rings = ", ".join(f"W{w}: {c} cells" for w, c in r["ring_cells"].items())
+        click.echo(f"  mixed       {_mib(r['mixed_bytes'])} = full heads {_mib(r['full_bytes'])} + rings {_mib(r['ring_bytes'])} ({rings})")
+        click.echo(f"  ratio       {r['ratio']:.3f}")
+
+
+@click.command("plan")
+@click.argument("model", type=click.Path())
+@click.option("--mem", "mem", required=True, help="KV memory budget, e.g. 2GiB or 512MiB.")
+@click.option("--sparsity", type=float, default=None, help="What-if: plan for a mask of this sparsity.")
+@click.option("--ubatch", "n_ubatch", default=512, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(model, mem, sparsity, n_ubatch, as_json):
+    """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0."""
+    r = plan_report(model, parse_size(mem), n_ubatch, sparsity)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+        return
+    click.echo(f"KV budget {_mib(r['budget_bytes'])}, mask: {r['mask']}, ubatch {r['n_ubatch']}")
+    base = r["plans"]["full"]["max_ctx"]
+    for name, p in r["plans"].items():
+        gain = f"  ({p['max_ctx'] / base:.2f}x)" if base and name != "full" else ""
+        click.echo(f"  {name:11s} max ctx {p['max_ctx']:>9d}  ({_mib(p['kv_bytes'])}){gain}")
+    if r["n_ctx_train"]:
+        click.echo(f"  (the model was trained with a {r['n_ctx_train']}-token context)")
