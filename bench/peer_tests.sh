@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# llama.cpp's own tests on the patched tree (ARCHITECTURE §7 "peer suites"): a separate CMake build of the patched
+# vendor/llama.cpp with LLAMA_BUILD_TESTS=ON. Written by others, so we cannot tune them to pass.
+# Usage: bench/peer_tests.sh [MASKED_GGUF]   (needs `kvtool build-runtime` to have prepared the source tree)
+set -euo pipefail
+cache="${KVTOOL_CACHE:-$HOME/.cache/kvtool}"
+src="$cache/src/cpu/llama_cpp_python-0.3.36/vendor/llama.cpp"
+build="$cache/build/peer-tests"
+[ -d "$src" ] || { echo "patched source tree missing: run kvtool build-runtime" >&2; exit 2; }
+cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >/dev/null
+targets="test-llama-archs test-save-load-state test-batch-alloc test-backend-ops test-state-restore-fragmented test-recurrent-state-rollback"
+cmake --build "$build" -j "$(nproc)" --target $targets
+bin="$build/bin"
+models="$build/test-models"
+rm -rf "$models"; mkdir -p "$models"
+status=0
+run() { echo "== $*"; if "$@" > "$build/last.log" 2>&1; then echo "PASS $1"; else echo "FAIL $1 (see $build/last.log)"; tail -20 "$build/last.log"; status=1; fi; }
+run "$bin/test-llama-archs"
+run "$bin/test-llama-archs" -o "$models"
+run "$bin/test-save-load-state" --models "$models"
+run "$bin/test-recurrent-state-rollback" --models "$models"
+run "$bin/test-batch-alloc"
+run "$bin/test-backend-ops" -b CPU
+if [ $# -ge 1 ]; then
+  run "$bin/test-state-restore-fragmented" -m "$1"
+fi
+exit $status
