@@ -18,7 +18,9 @@ _WORDS = ("the a of to and in is it you that he was for on are with as his they 
           "more day could go come did number sound no most people my over know water than call first who may down "
           "side been now find think reason step answer because so therefore").split()
 
-ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+         "mistral": "MistralForCausalLM"}
+_CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig"}
 
 
 def make_tokenizer(dir: Path, vocab: int = 100) -> int:
@@ -63,7 +65,9 @@ def make_tiny_hf(dir, arch: str = "llama", n_layer: int = 2, n_head: int = 4, n_
                   num_attention_heads=n_head, num_key_value_heads=n_head_kv, head_dim=head_dim,
                   max_position_embeddings=max_pos, rms_norm_eps=1e-6, initializer_range=init_std,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, architectures=[ARCHS[arch]])
-    cfg = transformers.LlamaConfig(**common) if arch == "llama" else transformers.Qwen2Config(**common)
+    if arch == "mistral":
+        common["sliding_window"] = None  # a full-attention Mistral; native SWA models are refused by mixed mode
+    cfg = getattr(transformers, _CONFIGS[arch])(**common)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     with torch.no_grad():  # norms start at 1 in HF; jitter them so a wrong norm mapping would show

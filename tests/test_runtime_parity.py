@@ -34,7 +34,7 @@ def _masks(n_layer, n_head_kv, seed=0):
     return {"random": random.tolist(), "structured": structured.tolist(), "several": several.tolist()}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
 def tiny(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(f"tiny-{request.param}")
     hf = make_tiny_hf(d / "hf", arch=request.param, n_layer=3, n_head=4, n_head_kv=2, head_dim=16, vocab=100, seed=1)
