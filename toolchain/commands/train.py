@@ -1,0 +1,83 @@
+"""``kvtool train``: learn which KV heads to keep in full (RLKV gates, or the DuoAttention-style baseline).
+
+A thin shell over ``toolchain.train.rlkv.train``; torch and transformers are imported only when a command runs, so
+``kvtool --help`` works on an edge install without the train extras.
+"""
+from __future__ import annotations
+
+import click
+
+from ..errors import KvtoolError
+from ..heads import DEFAULT_SINK, DEFAULT_WINDOW
+
+EXTRAS_MSG = "kvtool train needs the train extras: pip install 'kvtool[train]'"
+
+
+def require_train_extras() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise KvtoolError(EXTRAS_MSG) from None
+
+
+@click.group("train")
+def train() -> None:
+    """Training: RLKV head gates (`heads`)."""
+
+
+@train.command("heads")
+@click.option("--model", required=True, type=click.Path(exists=True),
+              help="Hugging Face model directory, or a .gguf file (dequantized by transformers).")
+@click.option("--task", "tasks", multiple=True, default=("chain_sum",), show_default=True,
+              help="reasoning-gym task, repeatable; options as name:key=value,key=value.")
+@click.option("--method", type=click.Choice(["rlkv", "duo"]), default="rlkv", show_default=True,
+              help="rlkv: GRPO + adaptive L1 (paper). duo: match full hidden states on passkey data + L1.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimiser steps.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Prompts (duo: passkey sequences) per step.")
+@click.option("--group", type=int, default=4, show_default=True, help="Samples per prompt (G).")
+@click.option("--sink", type=int, default=DEFAULT_SINK, show_default=True, help="Sink tokens of the stream branch.")
+@click.option("--window", type=int, default=DEFAULT_WINDOW, show_default=True, help="Window of the stream branch.")
+@click.option("--l1", type=float, default=None, help="L1 weight: β of β′ (rlkv, default 1e-3) or λ (duo, default 0.05).")
+@click.option("--tau", type=float, default=0.5, show_default=True, help="Reward threshold τ of the adaptive L1.")
+@click.option("--lr", type=float, default=1e-2, show_default=True, help="Adam learning rate for the gates.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Completion length cap.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--pool", type=int, default=256, show_default=True,
+              help="Problems sampled for the self-distillation filter (the training set before filtering).")
+@click.option("--no-filter", is_flag=True, help="Skip self-distillation: train on the whole pool.")
+@click.option("--seq-len", type=int, default=0, help="duo: passkey sequence length (default 4*(sink+window), >= 128).")
+@click.option("--micro-batch", type=int, default=0, help="Rows per backward pass (0: all; lowers memory).")
+@click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "f32"]), default="auto", show_default=True,
+              help="Model dtype (auto: bf16 on CUDA, f32 on CPU). Gates are always f32.")
+@click.option("--sparsity", "-s", type=float, default=0.5, show_default=True,
+              help="Fraction of KV heads compressed in the output heads.json.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="runs/kvtool-heads", show_default=True,
+              help="Checkpoints, log.jsonl, gates.png/tsv, self-distillation cache.")
+@click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out-dir.")
+@click.option("--tensorboard", is_flag=True, help="Also log scalars to OUT_DIR/tb (needs tensorboard).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="heads.json to write (default OUT_DIR/heads.json).")
+def heads_cmd(model, tasks, method, steps, batch, group, sink, window, l1, tau, lr, max_new_tokens, temperature, pool,
+              no_filter, seq_len, micro_batch, device, dtype, sparsity, out_dir, save_every, resume, tensorboard, seed,
+              quiet, output):
+    """Train per-KV-head gates and write heads.json (scores = gates) plus a heatmap.
+
+    \b
+    Example (GPU):
+      kvtool train heads --model ./SmolLM2-135M-Instruct --task chain_sum --task basic_arithmetic \\
+        --steps 200 --batch 16 --group 4 --sink 16 --window 64 -o heads.json
+    """
+    require_train_extras()
+    from ..train.rlkv import TrainConfig, train as run_train
+
+    cfg = TrainConfig(model=model, tasks=tuple(tasks), method=method, steps=steps, batch=batch, group=group, sink=sink,
+                      window=window, l1=l1, tau=tau, lr=lr, max_new_tokens=max_new_tokens, temperature=temperature,
+                      pool=pool, filter=not no_filter, seq_len=seq_len, micro_batch=micro_batch, device=device,
+                      dtype=dtype, sparsity=sparsity, out_dir=out_dir, output=output, save_every=save_every,
+                      seed=seed, resume=resume, tensorboard=tensorboard)
+    run_train(cfg, progress=not quiet)
