@@ -55,3 +55,41 @@ def smollm2_masked(smollm2, tmp_path_factory):
 
     mask = random_mask(30, 3, 0.5, seed=0)
     return apply_mask(smollm2, tmp_path_factory.mktemp("smol") / "smol-s05.gguf", mask)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2):
+    """SmolLM2 dequantized by transformers (Q4_1 -> F32 HF dir) and converted back to an F32 GGUF by the vendored
+    convert_hf_to_gguf.py: the real-model parity pair. Cached under ~/.cache/kvtool/models (about a minute to make)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import shutil
+    import tempfile
+
+    from converters.hf_to_gguf import hf_to_gguf
+    from toolchain.paths import models_dir
+
+    hf = models_dir() / "SmolLM2-135M-Instruct.F32-hf"
+    gguf = models_dir() / "SmolLM2-135M-Instruct.F32.gguf"
+    if not (hf / "config.json").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=".f32-hf.", dir=models_dir()))
+        try:
+            src = Path(smollm2)
+            tok = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+            q = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, torch_dtype=torch.float32)
+            cfg = q.config
+            if hasattr(cfg, "quantization_config"):  # transformers marks GGUF loads as unserializable
+                delattr(cfg, "quantization_config")
+            m = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+            m.load_state_dict(q.state_dict())
+            m.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if hf.exists():
+                shutil.rmtree(hf)
+            tmp.rename(hf)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not gguf.exists():
+        hf_to_gguf(hf, gguf, "f32")
+    return hf, gguf

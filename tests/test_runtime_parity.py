@@ -117,3 +117,21 @@ def test_flash_attention_on(tiny):
         stock_err = float(np.abs(runtime_logits(load(tiny["gguf"], n_ubatch=ubatch, flash_attn=True), tiny["tokens"]) - ref_full).max())
         mixed_err = float(np.abs(runtime_logits(load(path, n_ubatch=ubatch, flash_attn=True), tiny["tokens"]) - ref_mixed).max())
         assert mixed_err <= 3 * stock_err + TOL, (ubatch, mixed_err, stock_err)
+
+
+def test_parity_smollm2_dequantized(smollm2_f32, tmp_path):
+    """The real model: SmolLM2 at F32 with a random half of its 90 KV heads compressed (S=4, W=32)."""
+    from toolchain.heads import random_mask
+
+    hf, gguf = smollm2_f32
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    mask = random_mask(30, 3, 0.5, seed=1)
+    windows = [[0 if full else W for full in row] for row in mask.full]
+    path = write_windows(gguf, tmp_path / "smol-f32-masked.gguf", windows, S)
+    tokens = np.random.default_rng(0).integers(100, 40000, size=N_TOKENS).tolist()
+    ref = reference_logits(model, torch.tensor(tokens), windows, S).numpy()
+    assert float(np.abs(ref - reference_logits(model, torch.tensor(tokens), 0, S).numpy()).max()) > 1.0
+    for ubatch, n in ((512, N_TOKENS), (64, N_TOKENS), (7, N_TOKENS), (1, 120)):
+        got = runtime_logits(load(path, n_ubatch=ubatch), tokens[:n])
+        err = float(np.abs(got - ref[:n]).max())
+        assert err <= TOL, f"ubatch {ubatch}: max |dlogit| = {err}"
