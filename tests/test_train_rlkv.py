@@ -355,3 +355,56 @@ def test_config_validation():
     with pytest.raises(KvtoolError, match="sparsity"):
         TrainConfig(model="x", sparsity=1.5)
     assert TrainConfig(model="x", method="duo").l1 == 0.05 and TrainConfig(model="x").l1 == 1e-3
+
+
+def test_gguf_model_input(tiny_gguf):
+    """A GGUF goes through transformers' gguf_file= loader (dequantized) and gives the HF model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = rlkv.load_model(str(tiny_gguf))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent / "hf")
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    assert tok.eos_token_id == 2 and len(tok("the water")["input_ids"]) > 1
+    with pytest.raises(KvtoolError, match="not a Hugging Face directory"):
+        rlkv.load_model(str(tiny_gguf.parent / "nothing.bin"))
+
+
+_DDP_SCRIPT = """
+import hashlib, json, sys, torch
+torch.set_num_threads(1)
+from toolchain.tasks import Problem, register_task
+from toolchain.train.rlkv import TrainConfig, train
+register_task("toy", lambda n, seed: [Problem("toy", i, f"{i}+1=?", str(i + 1), {}, None) for i in range(n)])
+reward = lambda p, c: float(hashlib.md5(c.encode()).digest()[0] % 2)
+model, out, steps, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+cfg = TrainConfig(model=model, tasks=("toy",), steps=steps, batch=4, group=2, sink=2, window=4, max_new_tokens=6,
+                  pool=8, filter=False, out_dir=out, save_every=1, resume=resume)
+r = train(cfg, reward, progress=False, echo=lambda m: None)
+print("GATES", json.dumps(r.gates.flatten().tolist()))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_agrees_across_ranks_and_resumes(tiny_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): every rank ends with the same gates; resume is exact there too."""
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+
+    def run(out, steps, resume):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                            str(tiny_dir), str(out), str(steps), "1" if resume else "0"],
+                           capture_output=True, text=True, timeout=300, cwd=root,
+                           env={**__import__("os").environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        return [json.loads(x.split(" ", 1)[1]) for x in p.stdout.splitlines() if x.startswith("GATES ")]
+
+    straight = run(tmp_path / "a", 3, False)
+    assert len(straight) == 2 and straight[0] == straight[1] and straight[0] != [1.0] * 4
+    run(tmp_path / "b", 2, False)
+    assert run(tmp_path / "b", 3, True) == straight

@@ -437,8 +437,9 @@ def duo_step(model, opt: torch.optim.Optimizer, ids: torch.Tensor, tail: torch.T
     clamp_gates_(model)
     dt = time.perf_counter() - t0
     n_tok = ids.numel() * n_proc
-    return {"reward": None, "mse": float(mse.detach()), "mean_alpha": float(gates.detach().mean()), "beta_prime": cfg.l1,
-            "loss": float(mse.detach()) + float(l1.detach()), "l1": float(l1.detach()), "grad_norm": grad_norm, "tokens": int(n_tok),
+    mse_v, l1_v = float(mse.detach()), float(l1.detach())
+    return {"reward": None, "mse": mse_v, "mean_alpha": float(gates.detach().mean()), "beta_prime": cfg.l1,
+            "loss": mse_v + l1_v, "l1": l1_v, "grad_norm": grad_norm, "tokens": int(n_tok),
             "tok_s": n_tok / dt if dt > 0 else 0.0, "time_s": dt}
 
 
