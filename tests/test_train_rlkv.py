@@ -166,6 +166,17 @@ def test_prompt_uses_chat_template(tiny_dir):
     assert chat and text.startswith("[system]") and text.endswith("[assistant]") and p.question in text
 
 
+def test_local_task_with_verbatim_prompt_and_whole_completion_scoring(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    p = Problem("add", 0, "^A12=", "A1+2=03$", {}, lambda a, e: float(a.startswith("A1+2=03$")), prompt="^A12=",
+                extract=False)
+    assert build_prompt(p, tok) == ("^A12=", False)  # no instruction, no template
+    assert score(p, "A1+2=03$ junk") == 1.0 and score(p, "<answer>A1+2=03$</answer>") == 0.0
+
+
 # --- self-distillation ------------------------------------------------------------------------------------------
 def test_self_distillation_filter_and_cache(gated, tmp_path):
     model, tok, gates = gated

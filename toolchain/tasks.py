@@ -54,6 +54,10 @@ class Problem:
     answer: str
     entry: dict = field(repr=False)
     scorer: Optional[Scorer] = field(default=None, repr=False, compare=False)
+    # Local tasks with their own format (e.g. a procedural model's raw token string): ``prompt`` is used verbatim
+    # (no instruction, no chat template) and, with ``extract=False``, the scorer gets the whole completion.
+    prompt: Optional[str] = field(default=None, repr=False)
+    extract: bool = True
 
 
 # --- local tasks ---------------------------------------------------------------------------------------------
@@ -132,8 +136,10 @@ def build_prompt(problem: Problem, tokenizer: Any = None) -> tuple[str, bool]:
 
     With a chat template: a system message with :data:`INSTRUCTION` and the question as the user turn (templates that
     reject a system role get the instruction prepended to the user turn), followed by the generation prompt.
-    Without one: plain text ending in ``"Solution:"``.
+    Without one: plain text ending in ``"Solution:"``. A problem with its own ``prompt`` gets it verbatim.
     """
+    if problem.prompt is not None:
+        return problem.prompt, False
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if template:
         msgs = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": problem.question}]
@@ -160,8 +166,9 @@ def extract_answer(text: str) -> Optional[str]:
 
 
 def score(problem: Problem, completion: str) -> float:
-    """Raw 0/1 reward: 1.0 iff the dataset's ``score_answer`` gives the extracted answer >= 1.0."""
-    ans = extract_answer(completion)
+    """Raw 0/1 reward: 1.0 iff the dataset's ``score_answer`` gives the extracted answer >= 1.0 (with
+    ``problem.extract`` False: the whole completion)."""
+    ans = extract_answer(completion) if problem.extract else completion
     if ans is None or problem.scorer is None:
         return 0.0
     try:
