@@ -4,7 +4,7 @@ Why this design: the only fair comparison is the same file, same build, same thr
 process; the variants differ only by the `kvtool.kv.enabled` override and the cache type. Reported figures are
 medians of repeated runs; speed claims are ratios measured in the same run.
 
-Per context size C and variant:
+Per context size C, all variants loaded side by side and measured round robin:
   - KV bytes: what the runtime allocated (kvtool_kv_bytes), not a log line;
   - prefill tok/s: a `prompt`-token prompt into an empty cache (n_ubatch as given);
   - decode tok/s: `n_decode` single-token steps with the cache filled to about C tokens. The fill is done once per
@@ -58,44 +58,57 @@ def _clear(llm) -> None:
     llm._ctx.kv_cache_clear()
 
 
-def bench_one(path: Path, ctx: int, variant: str, prompt: int, n_decode: int, repeats: int, n_ubatch: int,
-              n_threads: int, rng: np.random.Generator, echo: Callable[[str], None]) -> BenchRow:
+def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_decode: int, repeats: int,
+              n_ubatch: int, n_threads: int, rng: np.random.Generator, echo: Callable[[str], None]) -> list[BenchRow]:
+    """All variants of one context size, loaded side by side and measured in alternation (round robin), so a
+    slowdown of the machine hits every variant alike and the ratios stay honest."""
     from .runtime.library import kv_bytes
 
-    spec = VARIANTS[variant]
-    llm = _load(path, ctx, n_ubatch, n_threads, spec["mixed"], spec["cache"])
+    llms = {}
     try:
-        mixed, full, ring = kv_bytes(llm._ctx.ctx)
-        if spec["mixed"] and not mixed:
-            raise KvtoolError(f"{path} has no kvtool budgets (mixed mode did not activate); convert it with --mask first")
-        n_vocab = llm.n_vocab()
-        toks = rng.integers(100, n_vocab - 100, size=ctx).tolist()
-
-        prefill_runs = []
+        for v in variants:
+            spec = VARIANTS[v]
+            llms[v] = _load(path, ctx, n_ubatch, n_threads, spec["mixed"], spec["cache"])
+            if spec["mixed"] and not kv_bytes(llms[v]._ctx.ctx)[0]:
+                raise KvtoolError(f"{path} has no kvtool budgets (mixed mode did not activate); convert it with --mask first")
+        n_vocab = next(iter(llms.values())).n_vocab()
+        lo = min(100, n_vocab // 10)  # stay clear of the special tokens at the start of most vocabularies
+        toks = rng.integers(lo, n_vocab - lo, size=ctx).tolist()
         p = min(prompt, ctx - n_decode - 1)
-        for _ in range(repeats):
-            _clear(llm)
-            t0 = time.perf_counter()
-            llm.eval(toks[:p])
-            prefill_runs.append(p / (time.perf_counter() - t0))
-
-        _clear(llm)
         fill = ctx - n_decode - 1
-        echo(f"[bench] ctx {ctx} {variant}: filling {fill} tokens")
-        llm.eval(toks[:fill])
-        decode_runs = []
+
+        prefill = {v: [] for v in variants}
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            for i in range(n_decode):
-                llm.eval([toks[fill + i]])
-            decode_runs.append(n_decode / (time.perf_counter() - t0))
-            if not llm._ctx.kv_cache_seq_rm(0, fill, -1):
-                raise KvtoolError("the cache refused to drop the decoded tail; cannot repeat the decode run")
-            llm.n_tokens = fill
-        return BenchRow(ctx, variant, full + ring, full, ring, statistics.median(prefill_runs),
-                        statistics.median(decode_runs), prefill_runs, decode_runs)
+            for v, llm in llms.items():
+                _clear(llm)
+                t0 = time.perf_counter()
+                llm.eval(toks[:p])
+                prefill[v].append(p / (time.perf_counter() - t0))
+
+        for v, llm in llms.items():
+            echo(f"[bench] ctx {ctx} {v}: filling {fill} tokens")
+            _clear(llm)
+            llm.eval(toks[:fill])
+        decode = {v: [] for v in variants}
+        for _ in range(repeats):
+            for v, llm in llms.items():
+                t0 = time.perf_counter()
+                for i in range(n_decode):
+                    llm.eval([toks[fill + i]])
+                decode[v].append(n_decode / (time.perf_counter() - t0))
+                if not llm._ctx.kv_cache_seq_rm(0, fill, -1):
+                    raise KvtoolError("the cache refused to drop the decoded tail; cannot repeat the decode run")
+                llm.n_tokens = fill
+
+        rows = []
+        for v, llm in llms.items():
+            _, full, ring = kv_bytes(llm._ctx.ctx)
+            rows.append(BenchRow(ctx, v, full + ring, full, ring, statistics.median(prefill[v]),
+                                 statistics.median(decode[v]), prefill[v], decode[v]))
+        return rows
     finally:
-        llm.close()
+        for llm in llms.values():
+            llm.close()
 
 
 def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock", "mixed", "mixed+q8_0"),
@@ -123,10 +136,9 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
     threads = n_threads or physical_cores()
     rows = []
     for c in ctxs:
-        for v in variants:
-            rows.append(bench_one(p, c, v, prompt, n_decode, repeats, n_ubatch, threads, np.random.default_rng(seed), echo))
-            r = rows[-1]
-            echo(f"[bench] ctx {c} {v}: KV {r.kv_bytes / 2**20:.1f} MiB, prefill {r.prefill_tps:.1f} tok/s, "
+        for r in bench_ctx(p, c, variants, prompt, n_decode, repeats, n_ubatch, threads, np.random.default_rng(seed), echo):
+            rows.append(r)
+            echo(f"[bench] ctx {c} {r.variant}: KV {r.kv_bytes / 2**20:.1f} MiB, prefill {r.prefill_tps:.1f} tok/s, "
                  f"decode {r.decode_tps:.2f} tok/s")
     return rows
 

@@ -1,0 +1,31 @@
+"""kvtool bench runs end to end on a tiny budgeted model and reports what the runtime allocated (not a timing test:
+the figures are only checked for sanity; speed claims live in docs/benchmarks.md)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from helpers_runtime import write_windows
+from toolchain.cli import cli
+
+pytestmark = pytest.mark.usefixtures("patched_runtime")
+
+
+def test_bench_cli_json(tiny_gguf, tmp_path):
+    path = write_windows(tiny_gguf, tmp_path / "m.gguf", [[16, 0]] * 3, 4)
+    res = CliRunner().invoke(cli, ["bench", str(path), "--ctx", "512", "--prompt", "64", "--decode", "4",
+                                   "--repeats", "2", "--variants", "stock,mixed", "--ubatch", "32", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["variant"]: r for r in json.loads(res.stdout)}
+    assert rows["mixed"]["kv_bytes"] < rows["stock"]["kv_bytes"]
+    assert rows["mixed"]["ring_bytes"] > 0 and rows["stock"]["ring_bytes"] == 0
+    for r in rows.values():
+        assert len(r["decode_runs"]) == 2 and r["decode_tps"] > 0 and r["prefill_tps"] > 0
+
+
+def test_bench_refuses_file_without_budgets(tiny_gguf):
+    res = CliRunner().invoke(cli, ["bench", str(tiny_gguf), "--ctx", "512", "--prompt", "32", "--decode", "2",
+                                   "--repeats", "1", "--variants", "stock,mixed"])
+    assert res.exit_code != 0
