@@ -25,4 +25,12 @@ run "$bin/test-backend-ops" -b CPU
 if [ $# -ge 1 ]; then
   run "$bin/test-state-restore-fragmented" -m "$1"
 fi
+# llama-cpp-python's own tests against the installed patched build; those that download from the hub cannot run here
+py="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
+sdist_root="$cache/src/cpu/llama_cpp_python-0.3.36"
+echo "== llama-cpp-python tests (offline)"
+(cd "$sdist_root" && HF_HUB_OFFLINE=1 "$py" -P -m pytest tests -q -p no:cacheprovider --import-mode=importlib -rfE) > "$build/lcp.log" 2>&1 || true
+offline_fail=$(grep -E "^(FAILED|ERROR) " "$build/lcp.log" | grep -v -c -E "LocalEntryNotFoundError|huggingface" || true)
+echo "$(tail -1 "$build/lcp.log")"
+if [ "$offline_fail" = "0" ]; then echo "PASS llama-cpp-python offline tests"; else echo "FAIL llama-cpp-python offline tests"; status=1; fi
 exit $status

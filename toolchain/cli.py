@@ -104,7 +104,8 @@ def _register() -> None:
     """Verbs that live in their own modules (toolchain/commands/)."""
     import importlib
 
-    for mod, attr in (("heads", "heads"), ("convert", "convert"), ("inspect", "inspect_cmd"), ("inspect", "plan_cmd")):
+    for mod, attr in (("heads", "heads"), ("convert", "convert"), ("inspect", "inspect_cmd"), ("inspect", "plan_cmd"),
+                      ("train", "train")):
         cli.add_command(getattr(importlib.import_module(f"toolchain.commands.{mod}"), attr))
 
 
