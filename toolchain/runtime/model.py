@@ -310,7 +310,7 @@ class Model:
                 "ratio": round(alloc / plan.stock_bytes, 4) if plan.stock_bytes else None,
                 "live_full_cells": full_c, "live_ring_cells": ring_c,
                 "groups": [{"window": w, "cells": c} for w, c in kv_groups(ctx)],
-                "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
+                "context_tokens": int(self._llm.n_tokens), "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
                 "cache_type": self.cache_type, "n_threads": self.n_threads}
 
     # ------------------------------------------------------------------ generation
@@ -355,6 +355,16 @@ class Model:
 
     def render_chat(self, messages: Messages) -> tuple[list[int], list[str]]:
         """Prompt tokens and stop strings for ``messages`` under the file's chat template."""
+        res = self._render(messages)
+        body = self._llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
+        stops = res.stop if isinstance(res.stop, list) else ([res.stop] if res.stop else [])
+        return body, [s for s in stops if s]
+
+    def chat_prompt(self, messages: Messages) -> str:
+        """The text the chat template makes of ``messages`` (with the assistant's generation prompt)."""
+        return self._render(messages).prompt
+
+    def _render(self, messages: Messages):
         if not isinstance(messages, (list, tuple)) or not messages:
             raise KvtoolError("messages must be a non-empty list of {'role': ..., 'content': ...}")
         norm = []
@@ -364,14 +374,11 @@ class Model:
             norm.append({**m, "content": _content_text(m.get("content"), i)})
         fmt = self._chat_formatter()
         try:
-            res = fmt(messages=norm)
+            return fmt(messages=norm)
         except KvtoolError:
             raise
         except Exception as e:  # jinja2 errors, raise_exception() in the template
             raise KvtoolError(f"{self.name}: the chat template failed on these messages: {e}") from e
-        body = self._llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
-        stops = res.stop if isinstance(res.stop, list) else ([res.stop] if res.stop else [])
-        return body, [s for s in stops if s]
 
     def _chat_formatter(self):
         if self._formatter is None:

@@ -1,0 +1,151 @@
+"""``kvtool generate MODEL -p TEXT | -f FILE``: one-shot completion, streamed to stdout; ``--json`` for scripts.
+
+Also holds what ``chat`` and ``serve`` share: the load options, byte formatting, the status line, and
+``run_standalone`` (``python -m toolchain.commands.<verb>`` with the CLI's one-line error handling).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..errors import KvtoolError
+
+
+def load_options(f):
+    """Options every command that loads a model takes (same names and defaults everywhere)."""
+    opts = [
+        click.option("--n-ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size in tokens."),
+        click.option("--n-ubatch", type=int, default=512, show_default=True,
+                     help="Micro-batch; rings hold window + sink + n_ubatch cells, so smaller saves memory."),
+        click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)."),
+        click.option("--cache-type", type=click.Choice(["f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                                                       "iq4_nl"]), default="f16", show_default=True,
+                     help="KV cache type (quantized types need flash attention)."),
+        click.option("--no-mixed", is_flag=True, help="Ignore the file's budgets: a full KV cache, for comparison."),
+        click.option("--flash-attn/--no-flash-attn", "flash_attn", default=None,
+                     help="Default: on when the file has budgets (without it V rows are padded)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], cache_type: str, no_mixed: bool,
+               flash_attn: Optional[bool], seed: int = 0):
+    from ..runtime.model import Model
+
+    return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
+                      mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed)
+
+
+def fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def fmt_rate(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def kv_summary(kv: dict) -> str:
+    """``KV 18.8 MiB allocated (mixed) vs 22.5 MiB for a full cache (83%)``."""
+    mode = "mixed" if kv["mixed"] else "full cache"
+    s = f"KV {fmt_bytes(kv['allocated_bytes'])} allocated ({mode})"
+    if kv["mixed"] and kv["stock_bytes"]:
+        s += f" vs {fmt_bytes(kv['stock_bytes'])} for a full cache ({100 * kv['allocated_bytes'] / kv['stock_bytes']:.0f}%)"
+    return s
+
+
+def status_line(stats, kv: dict) -> str:
+    """One line after a reply: tokens, speeds, context use, KV allocated vs the full-cache equivalent."""
+    st = stats.as_dict()
+    extra = " (stopped)" if st["finish_reason"] == "cancelled" else ""
+    return (f"[{st['generated_tokens']} tokens{extra} · {fmt_rate(st['decode_tok_s'])} tok/s · prefill "
+            f"{st['prompt_eval_tokens']} tok at {fmt_rate(st['prefill_tok_s'])} tok/s · ctx "
+            f"{kv['context_tokens']}/{kv['n_ctx']} · {kv_summary(kv)}]")
+
+
+def read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
+    if (prompt is None) == (file is None):
+        raise KvtoolError("give exactly one of -p TEXT or -f FILE")
+    if prompt is not None:
+        return prompt
+    if file == "-":
+        return sys.stdin.read()
+    p = Path(file)
+    if not p.is_file():
+        raise KvtoolError(f"{p}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KvtoolError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+@click.command("generate")
+@click.argument("model", type=click.Path())
+@click.option("-p", "--prompt", type=str, default=None, help="Prompt text.")
+@click.option("-f", "--file", "file", type=str, default=None, help="Read the prompt from FILE ('-' = stdin).")
+@click.option("--chat", "as_chat", is_flag=True, help="Wrap the prompt as one user turn in the GGUF's chat template.")
+@click.option("--system", type=str, default=None, help="With --chat: a system message.")
+@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature (0 = greedy).")
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stop", "stops", multiple=True, help="Stop string (repeatable).")
+@load_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, stats, KV bytes.")
+def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k, seed, stops, n_ctx, n_ubatch,
+            threads, cache_type, no_mixed, flash_attn, as_json):
+    """Complete a prompt once (streams to stdout; stats to stderr)."""
+    text = read_prompt(prompt, file)
+    if system is not None and not as_chat:
+        raise KvtoolError("--system needs --chat")
+    if max_tokens < 0:
+        raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
+    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed)
+    try:
+        kw = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed, stop=list(stops))
+        if as_chat:
+            msgs = ([{"role": "system", "content": system}] if system is not None else []) + \
+                   [{"role": "user", "content": text}]
+            run = lambda stream: m.chat(msgs, stream=stream, **kw)  # noqa: E731
+        else:
+            run = lambda stream: m.generate(text, stream=stream, **kw)  # noqa: E731
+        if as_json:
+            out = run(False)
+            kv = m.kv_stats()
+            click.echo(json.dumps({"model": str(m.path), "text": out, "stats": m.last_stats.as_dict(), "kv": kv},
+                                  indent=2))
+            return
+        for piece in run(True):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo("")
+        click.echo(status_line(m.last_stats, m.kv_stats()), err=True)
+    finally:
+        m.close()
+
+
+def run_standalone(cmd: click.Command, name: str, argv=None) -> None:
+    """``python -m toolchain.commands.<verb> ...``: the verb under the real ``kvtool`` group and error handling."""
+    from ..cli import cli, main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = ["--debug"] if "--debug" in argv else []
+    argv = [a for a in argv if a != "--debug"]
+    if name not in cli.commands:
+        cli.add_command(cmd, name)
+    main(pre + [name] + argv)
+
+
+if __name__ == "__main__":
+    run_standalone(command, "generate")
