@@ -116,8 +116,9 @@ def make_app(model, model_id: Optional[str] = None, max_queue: int = 16, default
 
     async def acquire() -> None:
         """Wait for the model; at most ``max_queue`` requests wait, later ones get 503."""
-        if waiting["n"] >= max_queue:
-            raise _BadRequest(f"server busy: {max_queue} requests already waiting", 503, "server_error")
+        if lock.locked() and waiting["n"] >= max_queue:
+            raise _BadRequest(f"server busy: {waiting['n']} requests already waiting (--max-queue {max_queue})",
+                              503, "server_error")
         waiting["n"] += 1
         try:
             await lock.acquire()
