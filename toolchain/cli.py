@@ -105,7 +105,7 @@ def _register() -> None:
     import importlib
 
     for mod, attr in (("heads", "heads"), ("convert", "convert"), ("inspect", "inspect_cmd"), ("inspect", "plan_cmd"),
-                      ("train", "train")):
+                      ("train", "train"), ("generate", "command"), ("chat", "command"), ("serve", "command")):
         cli.add_command(getattr(importlib.import_module(f"toolchain.commands.{mod}"), attr))
 
 
