@@ -32,6 +32,16 @@ _KEYS = {"format", "method", "n_layer", "n_head_kv", "scores", "full", "sink", "
          "per_layer", "model", "extra"}
 
 
+def read_text(p: Path) -> str:
+    """A UTF-8 input file, or one KvtoolError line saying why not."""
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KvtoolError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KvtoolError(f"{p}: cannot read ({e.__class__.__name__})") from None
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -142,12 +152,7 @@ class HeadsMask:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HeadsMask":
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise KvtoolError(f"{p}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise KvtoolError(f"{p}: cannot read ({e.__class__.__name__})") from None
+        text = read_text(p)
         if not text.strip():
             raise KvtoolError(f"{p}: empty file")
 
@@ -288,12 +293,7 @@ def read_score_tsv(path: str | os.PathLike) -> list[list[float]]:
     (``numpy.savetxt`` of the per-layer, per-KV-head gate values).
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KvtoolError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise KvtoolError(f"{p}: cannot read ({e.__class__.__name__})") from None
+    text = read_text(p)
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
