@@ -419,7 +419,15 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
     if log_p is not None:
         _check_writable(log_p, "record log")
     done = _read_records(log_p)
-    log_f = open(log_p, "a", encoding="utf-8") if log_p is not None else None
+    log_f = None
+    if log_p is not None:
+        log_f = open(log_p, "a+b")
+        if log_f.tell() > 0:  # a line torn by an interrupt must not swallow the next record
+            log_f.seek(-1, os.SEEK_END)
+            if log_f.read(1) != b"\n":
+                log_f.write(b"\n")
+        log_f.close()
+        log_f = open(log_p, "a", encoding="utf-8")
     all_recs: dict[str, list[dict]] = {}
     try:
         for v in vs:
