@@ -105,7 +105,8 @@ def _register() -> None:
     import importlib
 
     for mod, attr in (("heads", "heads"), ("convert", "convert"), ("inspect", "inspect_cmd"), ("inspect", "plan_cmd"),
-                      ("train", "train"), ("generate", "command"), ("chat", "command"), ("serve", "command")):
+                      ("train", "train"), ("generate", "command"), ("chat", "command"), ("serve", "command"),
+                      ("eval", "eval_cmd")):
         cli.add_command(getattr(importlib.import_module(f"toolchain.commands.{mod}"), attr))
 
 
