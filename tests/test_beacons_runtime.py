@@ -161,6 +161,7 @@ def test_model_text_api(tiny):
     with Model.load(tiny["bgguf"], n_ctx=256, cache_type="f32", n_threads=2) as m:
         assert (m.budgets.beacon_token_id, m.budgets.beacon_interval) == (tiny["beacon"], C)
         text = generate_with_beacons(m, "the answer is", max_tokens=50)
+        assert text and "\x00" not in text
         assert m.last_stats.generated_tokens == m.beacon_stats.generated_tokens > 0
         assert m.beacon_stats.beacons == (m.beacon_stats.generated_tokens - 1) // C
         assert m.last_stats.finish_reason in ("stop", "length")
@@ -174,3 +175,13 @@ def test_model_text_api(tiny):
         plain = m.generate("the answer is", max_tokens=20)  # the stock path after a beacon run
     with Model.load(tiny["bgguf"], n_ctx=256, cache_type="f32", n_threads=2) as fresh:
         assert fresh.generate("the answer is", max_tokens=20) == plain
+
+
+def test_stop_filter_holds_back_partial_stop_strings():
+    from toolchain.runtime.beacons import _stop_filter
+
+    hit = []
+    out = list(_stop_filter(iter(["ab", "c<", "/s", "> tail"]), ["</s>"], lambda: hit.append(1)))
+    assert "".join(out) == "abc" and hit == [1]
+    assert "".join(_stop_filter(iter(["a<", "/x", "y"]), ["</s>"], lambda: None)) == "a</xy"
+    assert list(_stop_filter(iter(["x", "y"]), [], lambda: None)) == ["x", "y"]

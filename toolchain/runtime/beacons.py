@@ -30,6 +30,7 @@ After a run the cache holds the live cells of the last generation (``kv_stats()`
 from __future__ import annotations
 
 import codecs
+import ctypes
 import json
 import os
 import time
@@ -281,12 +282,24 @@ class BeaconGenerator:
             llm.n_tokens = 0  # the cache holds positions with holes: never let Llama reuse them as a prefix
 
 
+def _piece(lc, vocab, tok: int) -> bytes:
+    """The bytes of one token (special tokens render as nothing, as in llama-cpp-python's completion text)."""
+    buf = ctypes.create_string_buffer(64)
+    n = lc.llama_token_to_piece(vocab, int(tok), buf, len(buf), 0, False)
+    if n < 0:  # buffer too small: -n is the size needed
+        buf = ctypes.create_string_buffer(-n)
+        n = lc.llama_token_to_piece(vocab, int(tok), buf, len(buf), 0, False)
+    return buf.raw[:max(n, 0)]
+
+
 def _utf8_pieces(llm, tokens: Iterator[int]) -> Iterator[str]:
     """Text of a token stream, never splitting a UTF-8 character."""
+    import llama_cpp as lc
+
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    model = llm._model
+    vocab = llm._model.vocab
     for tok in tokens:
-        piece = dec.decode(model.token_to_piece(tok, special=False))
+        piece = dec.decode(_piece(lc, vocab, tok))
         if piece:
             yield piece
     tail = dec.decode(b"", final=True)
