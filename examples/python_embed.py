@@ -9,7 +9,7 @@ from toolchain.models import fetch_smollm2
 
 path = sys.argv[1] if len(sys.argv) > 1 else fetch_smollm2()
 model = Model.load(path, n_ctx=2048)  # threads: physical cores; flash attention: on when the file has budgets
-print(model.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=32))
+print(model.chat([{"role": "user", "content": "Name three primary colors."}], max_tokens=32))
 kv, st = model.kv_stats(), model.last_stats
 print(f"KV cache: {kv['allocated_bytes'] / 2**20:.1f} MiB allocated (mixed={kv['mixed']}), "
       f"a full cache would take {kv['stock_bytes'] / 2**20:.1f} MiB")

@@ -340,8 +340,9 @@ def command(model, system, max_tokens, temp, top_p, top_k, seed, show_think, n_c
         interactive = _isatty(sys.stdin)
         tty_out = _isatty(sys.stdout)
         kv = m.kv_stats()
-        click.echo(_dim(f"kvtool chat · {m.name} · n_ctx {kv['n_ctx']} · {kv['n_threads']} threads · "
-                        f"{kv_summary(kv)}" + (" · /help for commands, Ctrl-D to quit" if interactive else ""),
+        threads = f"{kv['n_threads']} thread" + ("" if kv["n_threads"] == 1 else "s")
+        hint = " · /help for commands, Ctrl-D to quit" if interactive else ""
+        click.echo(_dim(f"kvtool chat · {m.name} · n_ctx {kv['n_ctx']} · {threads} · {kv_summary(kv)}{hint}",
                         tty_out and _isatty(sys.stderr)), err=True)
         session = ChatSession(m, system, dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k),
                               show_think, tty_out)
