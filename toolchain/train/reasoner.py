@@ -53,7 +53,7 @@ __all__ = [
     "TASK", "N_DIGITS", "PROMPT_LEN", "COT_LEN", "SEQ_LEN", "VOCAB", "STOI", "PAD", "BOS", "EOS", "BEACON",
     "encode", "decode", "sequences_text", "make_example", "make_batch", "make_problems", "score_completion", "token_accuracy",
     "save_tokenizer", "spm_model_bytes", "make_config", "make_model", "TrainConfig", "train", "evaluate",
-    "load_hf",
+    "load_hf", "head_sensitivity",
 ]
 
 TASK = "long_addition"
@@ -556,6 +556,36 @@ def evaluate(model, n: int = 200, seed: int = 1_000_000, n_digits: int = N_DIGIT
     return {"n": n, "exact": exact / n, "token_acc": tok / n, "loss": loss / n}
 
 
+def head_sensitivity(model, sink: int = 4, window: int = 32, n: int = 64, seed: int = 3_000_000,
+                     n_digits: int = N_DIGITS) -> list[list[float]]:
+    """Teacher-forced chain-of-thought loss increase when one KV head alone is compressed (sink + window), for every
+    head: an oracle ranking that needs labels (higher = more critical). It is the yardstick a learned gate (RLKV)
+    should approach; ``heads.json`` scores read the same way (high = keep full)."""
+    import torch
+
+    from ..attention import load_with_kvtool, unload_kvtool
+
+    model.eval()
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    rng = np.random.Generator(np.random.PCG64([int(seed), 0x0AC1]))
+    ids = torch.from_numpy(make_batch(rng, n, n_digits))
+    with torch.no_grad():
+        base = float(cot_loss(model, ids, False, n_digits))
+    out = [[0.0] * H for _ in range(L)]
+    try:
+        for layer in range(L):
+            for h in range(H):
+                w = [[0] * H for _ in range(L)]
+                w[layer][h] = window
+                load_with_kvtool(model, w, sink)
+                with torch.no_grad():
+                    out[layer][h] = float(cot_loss(model, ids, False, n_digits)) - base
+    finally:
+        unload_kvtool(model)
+    return out
+
+
 # --- CLI -----------------------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
@@ -581,6 +611,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--mask", default=None, help="heads.json: evaluate with this mask (PyTorch reference attention)")
     tk = sub.add_parser("tokenizer", help="write the tokenizer files into a directory")
     tk.add_argument("out_dir")
+    o = sub.add_parser("oracle", help="heads.json from per-head compression sensitivity (labelled oracle)")
+    o.add_argument("hf_dir")
+    o.add_argument("-o", "--output", required=True)
+    o.add_argument("--sparsity", "-s", type=float, default=0.5)
+    o.add_argument("--sink", type=int, default=4)
+    o.add_argument("--window", type=int, default=32)
+    o.add_argument("--n", type=int, default=64)
+    o.add_argument("--threads", type=int, default=2)
     tx = sub.add_parser("text", help="write N whole sequences back to back (a text for kvtool eval --ppl)")
     tx.add_argument("out_file")
     tx.add_argument("--n", type=int, default=100)
@@ -608,6 +646,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = evaluate(model, n=a.n, seed=a.seed, windows=windows, sink=sink)
         r["time_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(r))
+    elif a.cmd == "oracle":
+        import torch
+
+        from ..heads import HeadsMask
+
+        torch.set_num_threads(a.threads)
+        model, _ = load_hf(a.hf_dir)
+        sc = head_sensitivity(model, a.sink, a.window, a.n)
+        # heads.json has no "oracle" method: "manual" scores, with the provenance in extra
+        m = HeadsMask.from_scores(sc, a.sparsity, "manual", sink=a.sink, window=a.window)
+        m.extra = {"source": "toolchain.train.reasoner oracle: teacher-forced CoT loss increase when the head alone "
+                             "is compressed", "n": a.n}
+        m.save(a.output)
+        print(json.dumps({"scores": sc, "output": a.output}))
     elif a.cmd == "text":
         Path(a.out_file).write_text(sequences_text(a.n, a.seed))
         print(a.out_file)

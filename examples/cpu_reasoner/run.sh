@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The CPU reasoner end to end: train -> HF dir -> GGUF (+ masks) -> kvtool eval, full vs masks.
+# Usage: examples/cpu_reasoner/run.sh            (from the repository root, venv active)
+# Settings (environment): OUT, MINUTES, N, SINK, WINDOW, SPARSITIES, SEEDS, ORACLE=1, RLKV=1, RLKV_STEPS, THREADS.
+# Every step is skipped when its output exists, so a rerun resumes; delete $OUT to start over.
+set -euo pipefail
+
+OUT=${OUT:-out/cpu_reasoner}
+MINUTES=${MINUTES:-25}          # training budget, wall clock (the cosine schedule runs over it)
+N=${N:-200}                     # eval problems per model
+SINK=${SINK:-4}
+WINDOW=${WINDOW:-32}
+SPARSITIES=${SPARSITIES:-"0.25 0.5 0.75"}
+SEEDS=${SEEDS:-"0 1 2"}         # random masks per sparsity
+ORACLE=${ORACLE:-1}             # labelled per-head sensitivity mask (seconds)
+RLKV=${RLKV:-0}                 # kvtool train heads on the task (long on CPU)
+RLKV_STEPS=${RLKV_STEPS:-40}
+THREADS=${THREADS:-2}
+PY=${PYTHON:-python}
+
+# kvtool with the reasoner's task registered (kvtool train heads --task long_addition needs it)
+KV=("$PY" -c 'import sys, toolchain.train.reasoner; from toolchain.cli import main; sys.argv[0] = "kvtool"; main()')
+kv() { "${KV[@]}" "$@"; }
+kv_eval() {  # `kvtool eval` once cli.py registers it; the command object directly until then
+    if kv eval --help >/dev/null 2>&1; then kv eval "$@"; else
+        "$PY" -c 'import sys; from toolchain.cli import main; from toolchain.commands.eval import eval_cmd
+from toolchain.cli import cli; cli.add_command(eval_cmd); sys.argv[0] = "kvtool"; main()' eval "$@"
+    fi
+}
+
+mkdir -p "$OUT/masks" "$OUT/gguf"
+HF="$OUT/hf"
+BASE="$OUT/gguf/reasoner-f32.gguf"
+
+# 1. train from scratch (nice: the machine is shared)
+if [ ! -f "$OUT/train.json" ]; then
+    nice -n 19 "$PY" -m toolchain.train.reasoner train --out "$OUT" --minutes "$MINUTES" --threads "$THREADS" \
+        --eval-every 400
+fi
+
+# 2. HF -> F32 GGUF with all heads full (a sparsity-0 mask: budgets written, nothing compressed)
+if [ ! -f "$BASE" ]; then
+    kv heads random --model "$HF" -s 0 --seed 0 --sink "$SINK" --window "$WINDOW" -o "$OUT/masks/full.json"
+    kv convert "$HF" --mask "$OUT/masks/full.json" --outtype f32 -o "$BASE"
+fi
+
+# 3. masks: random baselines at each sparsity, the labelled oracle, optionally RLKV
+MODELS=("$BASE")
+for s in $SPARSITIES; do
+    for seed in $SEEDS; do
+        m="$OUT/masks/random-s$s-seed$seed.json"; g="$OUT/gguf/random-s$s-seed$seed.gguf"
+        [ -f "$m" ] || kv heads random --model "$BASE" -s "$s" --seed "$seed" --sink "$SINK" --window "$WINDOW" -o "$m"
+        [ -f "$g" ] || kv convert "$BASE" --mask "$m" -o "$g"
+        MODELS+=("$g")
+    done
+done
+if [ "$ORACLE" = 1 ]; then
+    [ -f "$OUT/masks/oracle.json" ] || "$PY" -m toolchain.train.reasoner oracle "$HF" --sink "$SINK" \
+        --window "$WINDOW" --threads "$THREADS" -o "$OUT/masks/oracle.json" >/dev/null
+    for s in $SPARSITIES; do
+        g="$OUT/gguf/oracle-s$s.gguf"
+        [ -f "$g" ] || kv convert "$BASE" --mask "$OUT/masks/oracle.json" --sparsity "$s" -o "$g"
+        MODELS+=("$g")
+    done
+fi
+if [ "$RLKV" = 1 ]; then
+    if [ ! -f "$OUT/masks/rlkv.json" ]; then
+        nice -n 19 "${KV[@]}" train heads --model "$HF" --task long_addition --sink "$SINK" --window "$WINDOW" \
+            --max-new-tokens 210 --steps "$RLKV_STEPS" --batch 4 --group 4 --pool 64 --out-dir "$OUT/rlkv" \
+            -o "$OUT/masks/rlkv.json" -q
+    fi
+    for s in $SPARSITIES; do
+        g="$OUT/gguf/rlkv-s$s.gguf"
+        [ -f "$g" ] || kv convert "$BASE" --mask "$OUT/masks/rlkv.json" --sparsity "$s" -o "$g"
+        MODELS+=("$g")
+    done
+fi
+
+# 4. accuracy vs KV memory through the runtime (resumable: records in eval.jsonl)
+kv_eval "${MODELS[@]}" --task long_addition --n "$N" --seed 0 --max-tokens 210 --ubatch 64 \
+    --threads "$THREADS" --out "$OUT/eval.json" --plot "$OUT/pareto.png"
+
+# 5. fidelity without labels: perplexity and KL(full || mixed) over 100 held-out sequences
+[ -f "$OUT/sequences.txt" ] || "$PY" -m toolchain.train.reasoner text "$OUT/sequences.txt" --n 100 >/dev/null
+PPL_MODELS=()
+for s in $SPARSITIES; do
+    PPL_MODELS+=("$OUT/gguf/random-s$s-seed0.gguf")
+    [ "$ORACLE" = 1 ] && PPL_MODELS+=("$OUT/gguf/oracle-s$s.gguf")
+done
+kv_eval "${PPL_MODELS[@]}" --ppl "$OUT/sequences.txt" --n-ctx 278 --ubatch 64 --threads "$THREADS" \
+    --out "$OUT/ppl.json" -q
