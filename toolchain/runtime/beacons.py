@@ -411,6 +411,7 @@ def generate_with_beacons(model, prompt: Union[str, Sequence[int]], max_tokens: 
             rec.total_s = time.perf_counter() - t0
             if not rec.finish_reason:
                 rec.finish_reason = "stop" if stopped["text"] else (gen.stats.finish_reason or "stop")
+            gen.stats.finish_reason = rec.finish_reason
             if owner is not None:
                 owner.beacon_stats = gen.stats
             if hasattr(llm, "_kv_stop"):
