@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..attention import beacon_layout, load_with_kvtool, unload_kvtool, use_segments
