@@ -82,7 +82,8 @@ def _outtypes() -> list[str]:
 
 @click.command("convert")
 @click.argument("model", type=click.Path())
-@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), required=True, help="heads.json")
+@click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
+              help="heads.json (optional only for a beacon checkpoint with kvtool.json)")
 @click.option("--sparsity", "-s", type=float, default=None, help="Re-derive the mask from its scores at this sparsity.")
 @click.option("--per-layer/--global", "per_layer", default=None,
               help="With scores: apply the rule inside each layer (or globally).")
@@ -97,6 +98,16 @@ def _outtypes() -> list[str]:
 def convert(model, mask_path, sparsity, per_layer, sink, window, output, outtype, beacon_token, beacon_interval):
     """Write MODEL (GGUF or Hugging Face dir) with the head budgets of a heads.json as kvtool.* keys."""
     t0 = time.perf_counter()
+    from ..runtime.beacons import beacon_from_checkpoint, convert_checkpoint
+
+    if Path(model).is_dir() and beacon_token is None and beacon_from_checkpoint(model) is not None:
+        mask = resolve_mask(HeadsMask.load(mask_path), sparsity, per_layer, sink, window) if mask_path else None
+        dst = convert_checkpoint(model, output or default_output(Path(model)), mask, outtype.lower() if outtype else None,
+                                 echo=lambda m: click.echo(m, err=True))
+        click.echo(f"wrote {dst}: beacon checkpoint in {time.perf_counter() - t0:.1f} s", err=True)
+        return
+    if mask_path is None:
+        raise KvtoolError("--mask is required (unless MODEL is a beacon checkpoint with kvtool.json)")
     mask = resolve_mask(HeadsMask.load(mask_path), sparsity, per_layer, sink, window)
     dst = convert_model(model, mask, output, outtype.lower() if outtype else None, beacon_token, beacon_interval,
                         echo=lambda m: click.echo(m, err=True))

@@ -81,3 +81,8 @@ def heads_cmd(model, tasks, method, steps, batch, group, sink, window, l1, tau, 
                       dtype=dtype, sparsity=sparsity, out_dir=out_dir, output=output, save_every=save_every,
                       seed=seed, resume=resume, tensorboard=tensorboard)
     run_train(cfg, progress=not quiet)
+
+
+from .train_beacons import beacons_cmd  # noqa: E402
+
+train.add_command(beacons_cmd)
