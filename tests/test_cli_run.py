@@ -26,8 +26,11 @@ def masked(smollm2, tmp_path_factory):
 
 
 def kvtool(verb: str, *args, input: str | None = None, env_extra: dict | None = None, timeout: int = 300):
+    """Run a verb with one thread: the suite must not depend on having the cores to itself (two llama.cpp threads
+    on a shared 2-core box wait on each other and decode collapses). test_model_api checks the default."""
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", f"toolchain.commands.{verb}", *map(str, args)], input=input,
+    return subprocess.run([sys.executable, "-m", f"toolchain.commands.{verb}", *map(str, args), "-t", "1"],
+                          input=input,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -132,7 +135,7 @@ def test_chat_ctrl_c_stops_the_reply_not_the_program(masked, tmp_path):
     if pid == 0:  # child
         os.environ["KVTOOL_CACHE"] = str(tmp_path)
         os.execv(sys.executable, [sys.executable, "-m", "toolchain.commands.chat", str(masked), "--n-ctx", N_CTX,
-                                  "-n", "400", "--temp", "0", "--hide-think"])
+                                  "-n", "900", "--temp", "0", "--hide-think", "-t", "1"])
     buf = b""
 
     def until(pattern: bytes, timeout: float = 120) -> bool:

@@ -17,6 +17,9 @@ from toolchain.errors import KvtoolError
 pytestmark = pytest.mark.usefixtures("patched_runtime")
 
 SMOL_WINDOWS = [[0, 64, 64] for _ in range(30)]
+# One thread everywhere except the defaults test: the suite must not depend on having the cores to itself (with
+# other jobs on a 2-core box, two llama.cpp threads wait on each other and decode collapses several-fold).
+T1 = {"n_threads": 1}
 SMOL_SINK = 16
 N_CTX = 1024
 
@@ -30,7 +33,7 @@ def masked(smollm2, tmp_path_factory):
 def model(masked):
     from toolchain import Model
 
-    m = Model.load(masked, n_ctx=N_CTX)
+    m = Model.load(masked, n_ctx=N_CTX, **T1)
     yield m
     m.close()
 
@@ -141,7 +144,7 @@ def test_chat_accepts_openai_text_parts_and_rejects_garbage(model):
 def test_prompt_longer_than_context_names_the_numbers(masked):
     from toolchain import Model
 
-    with Model.load(masked, n_ctx=256) as m:
+    with Model.load(masked, n_ctx=256, **T1) as m:
         n = len(m.tokenize("word " * 400))
         with pytest.raises(KvtoolError) as e:
             m.generate("word " * 400, max_tokens=4)
@@ -192,7 +195,7 @@ def test_abandoned_stream_cannot_resume_after_a_newer_call(model):
 def test_unknown_chat_template(tiny_gguf):
     from toolchain import Model
 
-    with Model.load(tiny_gguf, n_ctx=256) as m:
+    with Model.load(tiny_gguf, n_ctx=256, **T1) as m:
         assert not m.has_chat_template
         with pytest.raises(KvtoolError, match="unknown chat template"):
             m.chat([{"role": "user", "content": "hi"}])
@@ -221,14 +224,14 @@ def test_prefix_reuse_is_exact_and_falls_back_when_the_ring_moved_on(tiny_window
     from toolchain import Model
 
     def fresh(prompt: str) -> str:
-        with Model.load(tiny_windowed, n_ctx=1024, n_ubatch=32) as f:
+        with Model.load(tiny_windowed, n_ctx=1024, n_ubatch=32, **T1) as f:
             return f.generate(prompt, max_tokens=8)
 
     long_a = _text(220, 1)
     extended = long_a + " " + _text(10, 2)
     head = " ".join(long_a.split()[:40])
     diverged = head + " " + _text(15, 3)
-    with Model.load(tiny_windowed, n_ctx=1024, n_ubatch=32) as m:
+    with Model.load(tiny_windowed, n_ctx=1024, n_ubatch=32, **T1) as m:
         assert m.kv_stats()["groups"][1] == {"window": 16, "cells": 256}
         n_a = len(m.tokenize(long_a))
         assert n_a > 300

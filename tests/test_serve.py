@@ -25,8 +25,8 @@ pytest.importorskip("uvicorn")
 def start_server(model: Path, log: Path, *args, timeout: float = 120):
     """Start ``serve`` on a free loopback port; returns (process, base_url). Stop it with ``stop_server``."""
     f = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain.commands.serve", str(model), "--port", "0",
-                             *map(str, args)], stdout=f, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "toolchain.commands.serve", str(model), "--port", "0", "-t", "1",
+                             *map(str, args)], stdout=f, stderr=subprocess.STDOUT)  # 1 thread: see test_cli_run
     f.close()
     end = time.time() + timeout
     while time.time() < end:
