@@ -374,16 +374,6 @@ def test_gguf_without_the_beacon_token_is_rejected(sp_ckpt, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def _convert_reads_kvtool_json() -> bool:
-    import inspect
-
-    from toolchain.commands import convert
-
-    return "beacon_from_checkpoint" in inspect.getsource(convert)
-
-
-@pytest.mark.xfail(not _convert_reads_kvtool_json(), reason="convert.py does not call beacon_from_checkpoint yet",
-                   strict=False)
 def test_kvtool_convert_cli_reads_kvtool_json(sp_ckpt, patched_runtime):
     from click.testing import CliRunner
 
