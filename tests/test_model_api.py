@@ -248,3 +248,28 @@ def test_prefix_reuse_is_exact_and_falls_back_when_the_ring_moved_on(tiny_window
         st = m.last_stats
         assert st.cache_fallback and st.cached_tokens == 0 and st.prompt_eval_tokens == st.prompt_tokens
         assert out == fresh(diverged)
+
+
+# ---------------------------------------------------------------------------------------------- beacons
+def test_files_with_beacon_keys_generate_through_the_beacon_loop(tiny_gguf, tmp_path):
+    from converters.gguf_budgets import K_BEACON_INTERVAL, K_BEACON_TOKEN, T_U32, Value
+    from toolchain import Model
+
+    path = write_windows(tiny_gguf, tmp_path / "tiny-beacons.gguf", [[0, 16], [16, 0], [16, 16]], 4,
+                         extra={K_BEACON_TOKEN: Value(T_U32, 50), K_BEACON_INTERVAL: Value(T_U32, 8)})
+    with Model.load(path, n_ctx=256, **T1) as m:
+        assert m.beacons is True
+        text = m.generate("the word", max_tokens=40)
+        assert isinstance(text, str)
+        st, bs = m.last_stats, m.beacon_stats
+        # a beacon follows every full chunk of 8 that more tokens come after; its chunk leaves the cache
+        assert st.generated_tokens == 40 and bs.beacons == 4 and bs.evicted == 32
+        assert "".join(m.generate("the word", max_tokens=40, stream=True)) == text
+        m.beacons = False  # the stock path on the cache the beacon loop left behind (it has holes)
+        after = m.generate("the word", max_tokens=8)
+    with Model.load(path, n_ctx=256, beacons=False, **T1) as plain:
+        assert plain.beacons is False
+        assert plain.generate("the word", max_tokens=8) == after
+        assert not hasattr(plain, "beacon_stats")
+    with pytest.raises(KvtoolError, match="no kvtool.beacon keys"):
+        Model.load(tiny_gguf, n_ctx=256, beacons=True)

@@ -13,6 +13,9 @@ kvtool needs on top:
   a mixed cache can refuse a tail truncation (``llama_memory_seq_rm`` returns false once a ring has dropped cells
   that a token at the cut would need). ``Llama.eval`` ignores that result, so every generation checks it here and
   falls back to clearing the cache and evaluating the whole prompt: reuse never runs on stale cells;
+* files with ``kvtool.beacon.*`` keys generate through the beacon loop (``toolchain.runtime.beacons``, llama.cpp's
+  low-level API): every c tokens a beacon is decoded and the chunk behind it leaves the cache, so generation can
+  run past ``n_ctx`` while the live cells fit (``Model.load(..., beacons=False)`` opts out);
 * ``kv_stats()`` measures the allocated KV bytes (``kvtool_kv_bytes``) and compares them with what a full cache
   of the same settings would take (``memory.predict``); ``last_stats`` times every generation.
 
@@ -202,6 +205,7 @@ class Model:
         self._n_ctx_requested = n_ctx_requested
         self.n_threads = llm.n_threads
         self.last_stats: Optional[GenStats] = None
+        self.beacons = False  # route generation through the beacon loop (set by load)
         self._formatter = None
         self._gen_id = 0
 
@@ -209,13 +213,16 @@ class Model:
     @classmethod
     def load(cls, path: Union[str, os.PathLike], n_ctx: int = 4096, n_threads: Optional[int] = None,
              n_ubatch: int = 512, cache_type: str = "f16", mixed: Optional[bool] = None,
-             flash_attn: Optional[bool] = None, seed: int = 0, verbose: bool = False) -> "Model":
+             flash_attn: Optional[bool] = None, seed: int = 0, verbose: bool = False,
+             beacons: Optional[bool] = None) -> "Model":
         """Load a GGUF.
 
         ``mixed``: None follows the file's ``kvtool.kv.enabled``; True/False override it for this load only.
         ``flash_attn``: None means ON when the file has budgets (mixed V savings need it), else off as in
         llama-cpp-python. ``n_threads``: None means the physical core count. ``n_ubatch`` also sizes the rings
         (ring cells = pad256(window + sink + n_ubatch)), so small machines want a small ``n_ubatch``.
+        ``beacons``: None runs the beacon loop (``toolchain.runtime.beacons``) when the file has
+        ``kvtool.beacon.*`` keys; False ignores them; True requires them.
         """
         from converters.gguf_budgets import read_budgets
 
@@ -241,6 +248,9 @@ class Model:
                                   f"(write them with: kvtool convert {p.name} --mask heads.json)")
             if has_budgets:
                 overrides = {"kvtool.kv.enabled": bool(mixed)}
+        has_beacons = budgets is not None and budgets.beacon_token_id is not None
+        if beacons and not has_beacons:
+            raise KvtoolError(f"{p}: beacons=True but the file has no kvtool.beacon keys")
         fa = has_budgets if flash_attn is None else bool(flash_attn)
         if cache_type not in ("f16", "f32", "bf16") and not fa:
             raise KvtoolError(f"a quantized KV cache ({cache_type}) needs flash attention; drop flash_attn=False")
@@ -253,7 +263,9 @@ class Model:
                          seed=int(seed), kv_overrides=overrides, verbose=verbose)
         except (ValueError, RuntimeError, OSError) as e:
             raise KvtoolError(f"{p}: llama.cpp could not load it ({e})", code=1) from e
-        return cls(llm, p, budgets, dims, mixed, fa, cache_type, int(n_ctx))
+        m = cls(llm, p, budgets, dims, mixed, fa, cache_type, int(n_ctx))
+        m.beacons = has_beacons if beacons is None else bool(beacons)
+        return m
 
     def close(self) -> None:
         if self._llm is not None:
@@ -310,7 +322,7 @@ class Model:
                 "ratio": round(alloc / plan.stock_bytes, 4) if plan.stock_bytes else None,
                 "live_full_cells": full_c, "live_ring_cells": ring_c,
                 "groups": [{"window": w, "cells": c} for w, c in kv_groups(ctx)],
-                "context_tokens": int(self._llm.n_tokens), "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
+                "context_tokens": int(self._llm.n_tokens) or max(full_c, ring_c), "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
                 "cache_type": self.cache_type, "n_threads": self.n_threads}
 
     # ------------------------------------------------------------------ generation
@@ -414,6 +426,14 @@ class Model:
             stops.extend(s for s in stop if s)
         if temperature < 0:
             raise KvtoolError(f"temperature must be >= 0, got {temperature}")
+        if self.beacons:
+            # low-level loop: evicts each chunk behind its beacon, may run past n_ctx while the live cells fit
+            from .beacons import generate_with_beacons
+
+            return generate_with_beacons(self, tokens, max_tokens=max_tokens if max_tokens and max_tokens > 0
+                                         else None, temperature=float(temperature), top_p=float(top_p),
+                                         top_k=int(top_k), min_p=float(min_p), repeat_penalty=float(repeat_penalty),
+                                         seed=seed, stop=stops, stream=stream)
         kw = dict(prompt=tokens, max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
                   temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
                   repeat_penalty=float(repeat_penalty), seed=seed, stop=stops, model=self.name)
