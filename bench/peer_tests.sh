@@ -15,6 +15,7 @@ bin="$build/bin"
 models="$build/test-models"
 rm -rf "$models"; mkdir -p "$models"
 status=0
+cd "$build"  # some tests write files (dump_state.bin) into the working directory
 run() { echo "== $*"; if "$@" > "$build/last.log" 2>&1; then echo "PASS $1"; else echo "FAIL $1 (see $build/last.log)"; tail -20 "$build/last.log"; status=1; fi; }
 run "$bin/test-llama-archs"
 run "$bin/test-llama-archs" -o "$models"
