@@ -169,20 +169,16 @@ def machine_info() -> dict:
                             "platform": platform.platform(), "python": platform.python_version(),
                             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name") and "cpu" not in info.get("_got", ""):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                info["_got"] = "cpu"
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                keep = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-                        "amx_tile", "amx_bf16", "amx_int8")
-                info["cpu_flags"] = [f for f in keep if f in flags]
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+        if model:
+            info["cpu"] = model
+        flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
+        keep = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_bf16", "amx_int8")
+        info["cpu_flags"] = [f for f in keep if f in flags]
     except OSError:
         pass
-    info.pop("_got", None)
     try:
         from . import __version__
 
@@ -337,8 +333,6 @@ def greedy(model, tokens: Sequence[int], max_tokens: int, stops: Sequence[str] =
         logits = _decode(llm, [tok])
         n_decodes += 1
     t2 = time.perf_counter()
-    if limit < max_tokens and finish == "length":
-        finish = "length"  # the context ran out first: still a cap
     return {"ids": out, "text": model.detokenize(out) if text is None else text, "finish": finish,
             "prompt_tokens": len(tokens), "prefill_s": t1 - t0, "decode_s": t2 - t1, "n_decodes": n_decodes}
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 OUT=${OUT:-out/cpu_reasoner}
-MINUTES=${MINUTES:-25}          # training budget, wall clock (the cosine schedule runs over it)
+MINUTES=${MINUTES:-28}          # training budget, wall clock (the cosine schedule runs over it)
 N=${N:-200}                     # eval problems per model
 SINK=${SINK:-4}
 WINDOW=${WINDOW:-32}
@@ -15,7 +15,8 @@ SEEDS=${SEEDS:-"0 1 2"}         # random masks per sparsity
 ORACLE=${ORACLE:-1}             # labelled per-head sensitivity mask (seconds)
 RLKV=${RLKV:-0}                 # kvtool train heads on the task (long on CPU)
 RLKV_STEPS=${RLKV_STEPS:-40}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-2}          # runtime eval threads
+TRAIN_THREADS=${TRAIN_THREADS:-0}  # torch threads; 0 = auto (1 vs 2, re-probed: the machine is shared)
 PY=${PYTHON:-python}
 
 # kvtool with the reasoner's task registered (kvtool train heads --task long_addition needs it)
@@ -34,7 +35,7 @@ BASE="$OUT/gguf/reasoner-f32.gguf"
 
 # 1. train from scratch (nice: the machine is shared)
 if [ ! -f "$OUT/train.json" ]; then
-    nice -n 19 "$PY" -m toolchain.train.reasoner train --out "$OUT" --minutes "$MINUTES" --threads "$THREADS" \
+    nice -n 19 "$PY" -m toolchain.train.reasoner train --out "$OUT" --minutes "$MINUTES" --threads "$TRAIN_THREADS" \
         --eval-every 400
 fi
 
