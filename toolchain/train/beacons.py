@@ -38,9 +38,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +51,9 @@ from ..attention import beacon_layout, load_with_kvtool, unload_kvtool, use_segm
 from ..errors import KvtoolError
 from ..heads import write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
-from .rlkv import (_eos_ids, _left_pad, _positions, batch_indices, clipped_objective, group_advantages,
-                   latest_checkpoint, load_model, resolve_device, resolve_dtype, rng_state, seed_all, set_rng_state,
-                   _rewrite_log)
+from .rlkv import (_eos_ids, _left_pad, _positions, _rewrite_log, batch_indices, clipped_objective,
+                   group_advantages, latest_checkpoint, load_model, load_state, resolve_device, resolve_dtype,
+                   rng_state, save_state_atomic, seed_all, set_rng_state)
 
 BEACON_TOKEN = "<|beacon|>"
 DEFAULT_INTERVAL = 16
@@ -561,27 +559,11 @@ def save_checkpoint(path: Path, step: int, setup: Setup, opt: torch.optim.Optimi
     state = {"format": CKPT_FORMAT, "step": int(step), "beacon_id": setup.beacon_id,
              "beacon_row": setup.beacon.row.detach().cpu().clone(), "trainable": trainable_state(setup),
              "optimizer": opt.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_state_atomic(state, path)
 
 
 def load_checkpoint(path: Path) -> dict:
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise KvtoolError(f"{path}: not a readable kvtool checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(st, dict) or st.get("format") != CKPT_FORMAT:
-        raise KvtoolError(f"{path}: not a kvtool beacon checkpoint")
-    return st
+    return load_state(path, CKPT_FORMAT, "beacon")
 
 
 def restore(setup: Setup, opt: torch.optim.Optimizer, st: dict) -> int:

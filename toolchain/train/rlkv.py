@@ -570,6 +570,11 @@ def save_checkpoint(path: Path, step: int, gates: torch.Tensor, opt: torch.optim
     state = {"format": "kvtool.rlkv-ckpt/1", "step": int(step), "gates": gates.detach().float().cpu().clone(),
              "optimizer": opt.state_dict(), "rng": rng if rng is not None else [rng_state()],
              "config": dataclasses.asdict(cfg)}
+    return save_state_atomic(state, path)
+
+
+def save_state_atomic(state: dict, path: Path) -> Path:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -583,14 +588,19 @@ def save_checkpoint(path: Path, step: int, gates: torch.Tensor, opt: torch.optim
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_state(path: Path, fmt: str, what: str) -> dict:
+    """A checkpoint dict of format ``fmt``, or one KvtoolError line (``what`` names the kind of checkpoint)."""
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise KvtoolError(f"{path}: not a readable kvtool checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(st, dict) or st.get("format") != "kvtool.rlkv-ckpt/1":
-        raise KvtoolError(f"{path}: not a kvtool RLKV checkpoint")
+    if not isinstance(st, dict) or st.get("format") != fmt:
+        raise KvtoolError(f"{path}: not a kvtool {what} checkpoint")
     return st
+
+
+def load_checkpoint(path: Path) -> dict:
+    return load_state(path, "kvtool.rlkv-ckpt/1", "RLKV")
 
 
 def config_mismatch(saved: dict, cfg: TrainConfig) -> list[str]:
