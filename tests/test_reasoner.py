@@ -219,3 +219,30 @@ def test_full_training_reaches_high_exact_match(tmp_path):
     cfg = R.TrainConfig(out_dir=str(tmp_path / "run"), minutes=30, eval_n=200)
     s = R.train(cfg, echo=lambda m: None)
     assert s["eval"]["exact"] >= 0.9, s["eval"]
+
+
+def test_head_sensitivity_oracle(small_hf):
+    model, _ = R.load_hf(small_hf)
+    sc = R.head_sensitivity(model, sink=2, window=8, n=4)
+    assert len(sc) == 2 and all(len(r) == 2 for r in sc)
+    assert any(abs(x) > 0 for r in sc for x in r)
+    assert model.config._attn_implementation != "kvtool_mixed"  # unloaded afterwards
+    from toolchain.heads import HeadsMask
+
+    m = HeadsMask.from_scores(sc, 0.5, "manual", sink=2, window=8)
+    top = max(((li, h) for li in range(2) for h in range(2)), key=lambda t: sc[t[0]][t[1]])
+    assert m.full[top[0]][top[1]]  # the most sensitive head stays full
+
+
+def test_thread_probe_picks_the_faster_setting():
+    p = R._ThreadProbe(2, 20)
+    seen = []
+    for step in range(45):
+        t = p.threads_for(step)
+        seen.append(t)
+        p.record(step, 1.0 if t == 1 else 3.0)  # 1 thread faster (a loaded machine)
+    assert seen[:8] == [1, 1, 1, 1, 2, 2, 2, 2] and set(seen[8:20]) == {1} and seen[24:28] == [2, 2, 2, 2]
+    q = R._ThreadProbe(2, 20)
+    for step in range(12):
+        q.record(step, 3.0 if q.threads_for(step) == 1 else 1.0)
+    assert q.threads_for(12) == 2

@@ -543,6 +543,7 @@ def summarize(v: Variant, recs: Sequence[dict]) -> dict:
         "prefill_tok_s": pre_t / pre_s if pre_s > 0 else None,
         "decode_tok_s": dec_n / dec_s if dec_s > 0 else None,
     }
+    row["method"] = (b.method or "unknown") if (b is not None and row["mixed_active"]) else "full"
     if b is not None and b.head_window is not None:
         flat = [w for r in b.head_window for w in r]
         row["compressed_heads"] = sum(1 for w in flat if w > 0)
@@ -600,8 +601,15 @@ def _pareto(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
+_STYLE = {"full": ("*", "tab:red"), "random": ("o", "tab:gray"), "manual": ("s", "tab:green"),
+          "kvtool-rlkv": ("D", "tab:blue"), "rlkv": ("D", "tab:cyan"), "duo": ("^", "tab:purple")}
+_METHOD_NAMES = {"full": "full cache", "random": "random mask", "manual": "manual scores",
+                 "kvtool-rlkv": "RLKV (kvtool train heads)", "rlkv": "RLKV (imported)", "duo": "DuoAttention"}
+
+
 def plot_pareto(rows: Sequence[dict], out: str | os.PathLike, title: str = "") -> Path:
-    """PNG: accuracy (Wilson 95% error bars) against allocated KV bytes and against peak live KV bytes."""
+    """PNG: accuracy (Wilson 95% error bars) against allocated KV bytes and against peak live KV bytes, one marker
+    per head-selection method (``kvtool.heads.method``); points are labelled when there are at most 8."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -609,18 +617,24 @@ def plot_pareto(rows: Sequence[dict], out: str | os.PathLike, title: str = "") -
 
     rows = [r for r in rows if r["accuracy"] is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    methods = list(dict.fromkeys(r.get("method", "full") for r in rows))
+    annotate = len(rows) <= 8
     for ax, key, name in ((axes[0], "allocated_kv_bytes", "allocated KV"), (axes[1], "peak_live_kv_bytes", "peak live KV")):
         xs = [(r[key] or 0) / 1024 for r in rows]
         ys = [r["accuracy"] for r in rows]
-        err = [[y - r["ci95"][0] for y, r in zip(ys, rows)], [r["ci95"][1] - y for y, r in zip(ys, rows)]]
-        for i, r in enumerate(rows):
-            ax.errorbar([xs[i]], [ys[i]], yerr=[[err[0][i]], [err[1][i]]], fmt="o", capsize=3,
-                        color="tab:blue" if r.get("mixed_active") else "tab:red")
-            ax.annotate(r["label"], (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for mth in methods:
+            idx = [i for i, r in enumerate(rows) if r.get("method", "full") == mth]
+            marker, color = _STYLE.get(mth, ("o", "black"))
+            ax.errorbar([xs[i] for i in idx], [ys[i] for i in idx],
+                        yerr=[[ys[i] - rows[i]["ci95"][0] for i in idx], [rows[i]["ci95"][1] - ys[i] for i in idx]],
+                        fmt=marker, color=color, capsize=3, alpha=0.8, label=_METHOD_NAMES.get(mth, mth))
+        if annotate:
+            for i, r in enumerate(rows):
+                ax.annotate(r["label"], (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         front = _pareto(list(zip(xs, ys)))
         if len(front) > 1:
             ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="gray", lw=1, label="Pareto front")
-            ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="center right", fontsize=8)
         ax.set_xlabel(f"{name} (KiB)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (95% Wilson CI)")

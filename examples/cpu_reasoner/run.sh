@@ -14,7 +14,7 @@ SPARSITIES=${SPARSITIES:-"0.25 0.5 0.75"}
 SEEDS=${SEEDS:-"0 1 2"}         # random masks per sparsity
 ORACLE=${ORACLE:-1}             # labelled per-head sensitivity mask (seconds)
 RLKV=${RLKV:-0}                 # kvtool train heads on the task (long on CPU)
-RLKV_STEPS=${RLKV_STEPS:-40}
+RLKV_STEPS=${RLKV_STEPS:-100}
 THREADS=${THREADS:-2}          # runtime eval threads
 TRAIN_THREADS=${TRAIN_THREADS:-0}  # torch threads; 0 = auto (1 vs 2, re-probed: the machine is shared)
 PY=${PYTHON:-python}
@@ -66,7 +66,8 @@ if [ "$ORACLE" = 1 ]; then
 fi
 if [ "$RLKV" = 1 ]; then
     if [ ! -f "$OUT/masks/rlkv.json" ]; then
-        nice -n 19 "${KV[@]}" train heads --model "$HF" --task long_addition --sink "$SINK" --window "$WINDOW" \
+        # one torch thread: 2 threads on a loaded 2-core machine were measured 5x slower (see README)
+        OMP_NUM_THREADS=${RLKV_THREADS:-1} nice -n 19 "${KV[@]}" train heads --model "$HF" --task long_addition --sink "$SINK" --window "$WINDOW" \
             --max-new-tokens 210 --steps "$RLKV_STEPS" --batch 4 --group 4 --pool 64 --out-dir "$OUT/rlkv" \
             -o "$OUT/masks/rlkv.json" -q
     fi
@@ -87,6 +88,7 @@ PPL_MODELS=()
 for s in $SPARSITIES; do
     PPL_MODELS+=("$OUT/gguf/random-s$s-seed0.gguf")
     [ "$ORACLE" = 1 ] && PPL_MODELS+=("$OUT/gguf/oracle-s$s.gguf")
+    [ "$RLKV" = 1 ] && PPL_MODELS+=("$OUT/gguf/rlkv-s$s.gguf")
 done
 kv_eval "${PPL_MODELS[@]}" --ppl "$OUT/sequences.txt" --n-ctx 278 --ubatch 64 --threads "$THREADS" \
     --out "$OUT/ppl.json" -q
