@@ -283,3 +283,18 @@ def test_default_ppl_text_is_long_prose():
 def test_machine_info():
     info = ev.machine_info()
     assert info["nproc"] >= 1 and info["cpu"] and "date" in info
+
+
+def test_smollm2_chain_sum_full_vs_mixed(smollm2_masked, tmp_path):
+    """A real model and a reasoning-gym task: n=4, full vs mixed of one file, JSON + PNG + records (~6 s)."""
+    pytest.importorskip("reasoning_gym")
+    out, png = tmp_path / "smol.json", tmp_path / "smol.png"
+    # n_ctx 2048: with a context near the sequence length the rings (pad256(W + S + ubatch) cells) are as large as
+    # the full cache and nothing is saved
+    res = ev.run_eval([smollm2_masked], "chain_sum", n=4, seed=0, variants=["full", "mixed"], max_tokens=96,
+                      n_ctx=2048, threads=2, out=out, plot=png, progress=False)
+    full, mixed = res["rows"]
+    assert (full["variant"], mixed["variant"]) == ("full", "mixed") and full["n"] == mixed["n"] == 4
+    assert mixed["allocated_kv_bytes"] < full["allocated_kv_bytes"] == full["stock_kv_bytes"]
+    assert json.loads(out.read_text())["rows"][1]["compressed_heads"] == 45
+    assert png.read_bytes()[:4] == b"\x89PNG" and len((tmp_path / "smol.jsonl").read_text().splitlines()) == 8
