@@ -345,7 +345,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip: float = 1.0
     bf16: bool = True
-    threads: Optional[int] = 2       # 0: auto (probe 1 vs max_threads every probe_every steps, keep the faster)
+    threads: Optional[int] = 0       # 0: auto (probe 1 vs max_threads every probe_every steps, keep the faster)
     max_threads: int = 2
     probe_every: int = 200
     seed: int = 0
