@@ -66,7 +66,7 @@ if [ "$ORACLE" = 1 ]; then
 fi
 if [ "$RLKV" = 1 ]; then
     if [ ! -f "$OUT/masks/rlkv.json" ]; then
-        # one torch thread: 2 threads on a loaded 2-core machine were measured 5x slower (see README)
+        # one torch thread: on the loaded 2-core machine float32 steps took 12.8 s with 2 threads, 2.7 s with 1
         OMP_NUM_THREADS=${RLKV_THREADS:-1} nice -n 19 "${KV[@]}" train heads --model "$HF" --task long_addition --sink "$SINK" --window "$WINDOW" \
             --max-new-tokens 210 --steps "$RLKV_STEPS" --batch 4 --group 4 --pool 64 --out-dir "$OUT/rlkv" \
             -o "$OUT/masks/rlkv.json" -q
