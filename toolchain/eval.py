@@ -92,7 +92,7 @@ def register_metrics(task: str, fn: MetricFn) -> None:
     _METRICS[task] = fn
 
 
-def _load_task_providers() -> None:
+def load_task_providers() -> None:
     import importlib
 
     for mod in TASK_PROVIDERS:
@@ -405,7 +405,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
     if out_p is not None and plot_p is not None and out_p.resolve() == plot_p.resolve():
         raise KvtoolError("--out and --plot name the same file")
     vs = resolve_variants(models, variants)
-    _load_task_providers()
+    load_task_providers()
     problems = make_dataset(task, n, seed)
     task_name = task.partition(":")[0].strip()
     metric_fn = _METRICS.get(task_name)
