@@ -52,7 +52,7 @@ from ..errors import KvtoolError
 from ..heads import write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
 from .rlkv import (_eos_ids, _left_pad, _positions, _rewrite_log, batch_indices, clipped_objective,
-                   group_advantages, latest_checkpoint, load_model, load_state, resolve_device, resolve_dtype,
+                   group_advantages, load_model, load_state, open_out_dir, resolve_device, resolve_dtype,
                    rng_state, save_state_atomic, seed_all, set_rng_state)
 
 BEACON_TOKEN = "<|beacon|>"
@@ -640,12 +640,7 @@ def train(cfg: BeaconTrainConfig, reward_fn: RewardFn = score, progress: bool = 
           echo: Callable[[str], None] = _echo_stderr, model_and_tok=None, export: bool = True) -> BeaconTrainResult:
     """Run ``kvtool train beacons``. ``reward_fn``/``model_and_tok`` let tests inject a verifier or a loaded model."""
     device = resolve_device(cfg.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "log.jsonl"
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not cfg.resume:
-        raise KvtoolError(f"{out_dir} already holds checkpoints (latest {ckpt.name}): pass --resume or another --out-dir")
+    out_dir, log_path, ckpt = open_out_dir(cfg.out_dir, cfg.resume)
     seed_all(cfg.seed)
     model, tok = model_and_tok if model_and_tok is not None else load_model(cfg.model, device,
                                                                             resolve_dtype(cfg.dtype, device))

@@ -588,6 +588,16 @@ def save_state_atomic(state: dict, path: Path) -> Path:
     return path
 
 
+def open_out_dir(out_dir, resume: bool):
+    """(out_dir, log path, latest checkpoint or None); a used out-dir without --resume is refused."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise KvtoolError(f"{out_dir} already holds checkpoints (latest {ckpt.name}): pass --resume or another --out-dir")
+    return out_dir, out_dir / "log.jsonl", ckpt
+
+
 def load_state(path: Path, fmt: str, what: str) -> dict:
     """A checkpoint dict of format ``fmt``, or one KvtoolError line (``what`` names the kind of checkpoint)."""
     try:
@@ -679,12 +689,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn = score, progress: bool = True,
     rank, world = _dist()
     if cfg.method == "rlkv" and cfg.batch % world:
         raise KvtoolError(f"--batch {cfg.batch} must be a multiple of the number of processes ({world})")
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "log.jsonl"
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not cfg.resume:
-        raise KvtoolError(f"{out_dir} already holds checkpoints (latest {ckpt.name}): pass --resume or another --out-dir")
+    out_dir, log_path, ckpt = open_out_dir(cfg.out_dir, cfg.resume)
 
     SummaryWriter = None
     if cfg.tensorboard:
