@@ -298,3 +298,63 @@ def test_smollm2_chain_sum_full_vs_mixed(smollm2_masked, tmp_path):
     assert mixed["allocated_kv_bytes"] < full["allocated_kv_bytes"] == full["stock_kv_bytes"]
     assert json.loads(out.read_text())["rows"][1]["compressed_heads"] == 45
     assert png.read_bytes()[:4] == b"\x89PNG" and len((tmp_path / "smol.jsonl").read_text().splitlines()) == 8
+
+
+# --- beacon variants -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def beacon_tiny(tiny_gguf, tmp_path_factory, patched_runtime):
+    """Per-head budgets (3 of 6 heads on a window of 8) and beacon keys (token 50 every 8 tokens) in one file."""
+    from converters.gguf_budgets import K_BEACON_INTERVAL, K_BEACON_TOKEN, T_U32, Value
+    from helpers_runtime import write_windows
+
+    d = tmp_path_factory.mktemp("evalb")
+    return write_windows(tiny_gguf, d / "tiny-beacons.gguf", [[0, 8], [8, 0], [8, 0]], 2,
+                         extra={K_BEACON_TOKEN: Value(T_U32, 50), K_BEACON_INTERVAL: Value(T_U32, 8)})
+
+
+def test_beacon_variants_resolve(tiny_gguf, beacon_tiny):
+    with pytest.raises(KvtoolError, match="no kvtool.beacon keys.*kvtool train beacons"):
+        ev.resolve_variants([tiny_gguf], ["beacons"])
+    with pytest.raises(KvtoolError, match="no kvtool head budgets"):
+        ev.resolve_variants([tiny_gguf], ["mixed+beacons"])
+    [auto] = ev.resolve_variants([beacon_tiny])
+    assert (auto.name, auto.mixed, auto.beacons) == ("mixed+beacons", None, True)
+    vs = ev.resolve_variants([beacon_tiny], ["full", "mixed", "beacons", "mixed+beacons"])
+    assert [(v.name, v.mixed, v.beacons) for v in vs] == [("full", False, False), ("mixed", True, False),
+                                                          ("beacons", False, True), ("mixed+beacons", True, True)]
+
+
+def test_eval_beacon_variants(beacon_tiny, tmp_path):
+    """The beacon rows generate through the beacon loop: their peak live cells are bounded by prompt + n/c + c,
+    while the full row holds the whole sequence; greedy text matches Model.generate with beacons on."""
+    from toolchain.runtime.model import Model
+
+    res = ev.run_eval([beacon_tiny], "evaltoy", n=3, max_tokens=40, threads=1, n_ubatch=16, n_ctx=600,
+                      variants=["full", "mixed", "beacons", "mixed+beacons"], out=tmp_path / "b.json", progress=False)
+    full, mixed, bea, both = res["rows"]
+    recs = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert bea["method"] == "beacons" and bea["beacon_interval"] == 8 and both["method"].startswith("beacons+")
+    for x in recs:
+        if x["variant"] in ("full", "mixed"):
+            assert "beacons" not in x
+            continue
+        b = x["beacons"]
+        n = x["gen_tokens"]
+        assert b["interval"] == 8 and b["beacons"] == (n - 1) // 8  # a beacon only when more tokens follow
+        assert b["evicted"] == 8 * b["beacons"]
+        assert b["peak_live_cells"] <= x["prompt_tokens"] + n // 8 + 8 + 1
+        if n == 40:
+            assert b["peak_live_cells"] < x["prompt_tokens"] + n
+    assert bea["peak_live_kv_bytes"] < full["peak_live_kv_bytes"]
+    assert bea["peak_retained_kv_bytes"] == bea["peak_live_kv_bytes"]
+    # a mixed row retains less than its rings hold (sink + window, not the ring's used cells); with beacons the rings
+    # lose the evicted chunks too
+    assert mixed["peak_retained_kv_bytes"] < mixed["peak_live_kv_bytes"] == full["peak_live_kv_bytes"]
+    assert both["peak_retained_kv_bytes"] <= both["peak_live_kv_bytes"] < mixed["peak_live_kv_bytes"]
+    with Model.load(beacon_tiny, n_ctx=600, n_threads=1, n_ubatch=16, mixed=False) as m:
+        from toolchain.tasks import make_dataset
+
+        p = make_dataset("evaltoy", 3, 0)[0]
+        want = m.generate(p.prompt, max_tokens=40, temperature=0.0)
+    got = [x for x in recs if x["variant"] == "beacons" and x["index"] == 0][0]["completion"]
+    assert got == want

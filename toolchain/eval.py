@@ -5,7 +5,11 @@ generated greedily through the patched runtime and scored by the task's verifier
 
 * ``full``: ``kvtool.kv.enabled`` overridden to false (every head keeps its whole cache; same file, same weights);
 * ``mixed``: overridden to true (the file's per-head budgets); a file without budgets cannot be run mixed;
-* ``auto`` (the default): the file as its metadata says; the row is labelled ``mixed`` or ``full`` accordingly.
+* ``beacons``: the beacon loop (``toolchain.runtime.beacons``: every c tokens a beacon is decoded and the chunk
+  behind it leaves the cache) with every head full; needs ``kvtool.beacon.*`` keys;
+* ``mixed+beacons``: both, the file's per-head budgets and the beacon loop;
+* ``auto`` (the default): the file as its metadata says; the row is labelled ``mixed``, ``beacons``,
+  ``mixed+beacons`` or ``full`` accordingly. ``full`` and ``mixed`` never run the beacon loop.
 
 Per variant it reports accuracy with a 95% Wilson interval, mean generated length, the fraction of generations that
 hit the length cap, the fraction that degenerated into repetition (:func:`is_repetitive`: the last 64 tokens repeat
@@ -16,7 +20,10 @@ may register extra per-problem metrics (:func:`register_metrics`; the CPU reason
 
 Generation is a plain greedy loop on ``llama_decode`` (argmax of the last logits, stop at an end-of-generation token,
 the chat template's stop strings, or ``max_tokens``), with an empty cache for every problem: the token ids are exact
-(the repetition detector needs them) and each problem's live cells are its own.
+(the repetition detector needs them) and each problem's live cells are its own. Beacon variants generate with the
+same greedy rule through :class:`~toolchain.runtime.beacons.BeaconGenerator` (the beacon id is never chosen); their
+peak live KV is the most cells the sequence held at any point (prompt + beacons + the open chunk), not the count at
+the end, because eviction makes the cache shrink during a generation.
 
 Resumable: with ``out``, each problem's record is appended to ``<out stem>.jsonl`` as soon as it is done, keyed by a
 hash of (model path, size, mtime, variant, task, seed, max_tokens, n_ctx, n_ubatch, cache type) and the problem's
@@ -54,7 +61,7 @@ __all__ = [
 Z95 = 1.959963984540054
 REPEAT_TAIL = 64
 REPEAT_MAX_PERIOD = 16
-VARIANTS = ("auto", "full", "mixed")
+VARIANTS = ("auto", "full", "mixed", "beacons", "mixed+beacons")
 # Modules that register local tasks with toolchain.tasks.register_task when imported (cheap imports).
 TASK_PROVIDERS = ("toolchain.train.reasoner",)
 
@@ -106,8 +113,9 @@ def load_task_providers() -> None:
 @dataclass(frozen=True)
 class Variant:
     path: Path
-    name: str                 # "full" | "mixed" (auto resolved to what the file does)
+    name: str                 # "full" | "mixed" | "beacons" | "mixed+beacons" (auto resolved to what the file does)
     mixed: Optional[bool]     # Model.load(mixed=...)
+    beacons: bool = False     # generate through the beacon loop
 
     @property
     def label(self) -> str:
@@ -122,6 +130,10 @@ def _budgets(path: Path):
 
 def _has_budgets(b) -> bool:
     return b is not None and b.head_window is not None
+
+
+def _has_beacons(b) -> bool:
+    return b is not None and getattr(b, "beacon_token_id", None) is not None
 
 
 def _mixed_active(b) -> bool:
@@ -145,14 +157,20 @@ def resolve_variants(models: Sequence[str | os.PathLike], variants: Optional[Seq
             raise KvtoolError(f"{p}: is a directory; kvtool eval runs GGUF files (kvtool convert makes one)")
         b = _budgets(p)
         for v in names:
-            if v == "mixed" and not _has_budgets(b):
-                raise KvtoolError(f"{p.name} has no kvtool head budgets, so it has no mixed variant: write a mask "
-                                  f"into it with `kvtool convert {p.name} --mask heads.json` (or drop 'mixed' "
+            if "mixed" in v and not _has_budgets(b):
+                raise KvtoolError(f"{p.name} has no kvtool head budgets, so it has no {v} variant: write a mask "
+                                  f"into it with `kvtool convert {p.name} --mask heads.json` (or drop {v!r} "
                                   f"from --variants)")
+            if "beacons" in v and not _has_beacons(b):
+                raise KvtoolError(f"{p.name} has no kvtool.beacon keys, so it has no {v} variant: convert a beacon "
+                                  f"checkpoint (`kvtool train beacons`, then `kvtool convert CKPT_DIR`) or drop "
+                                  f"{v!r} from --variants")
             if v == "auto":
-                out.append(Variant(p, "mixed" if _mixed_active(b) else "full", None))
+                mixed, beacons = _mixed_active(b), _has_beacons(b)
+                name = "mixed+beacons" if mixed and beacons else "mixed" if mixed else "beacons" if beacons else "full"
+                out.append(Variant(p, name, None, beacons))
             else:
-                out.append(Variant(p, v, v == "mixed"))
+                out.append(Variant(p, v, "mixed" in v, "beacons" in v))
     seen, uniq = set(), []
     for v in out:
         key = (str(v.path.resolve()), v.name)
@@ -239,6 +257,27 @@ def _bytes_per_cell(model) -> tuple[float, float]:
     return full, (ring_b / ring_cells if ring_cells else 0.0)
 
 
+def _retained_bytes(model, n_tokens: int, full_cells: int, mixed_on: bool) -> int:
+    """KV bytes a tight cache would need for what attention can still see: the full heads' live cells plus, per
+    window ``w``, ``min(n_tokens, sink + w)`` cells of that window's heads. The runtime's rings are larger (sized
+    ``pad256(W + S + ubatch)`` and, as llama.cpp's SWA cache, cleared only when overwritten), so for short sequences
+    their used cells overstate what a head retains; this is the measure to compare methods at equal memory."""
+    from .runtime.memory import _cache_bytes
+
+    dims, b, ct = model.dims, model.budgets, model.cache_type
+    full = float(_cache_bytes(dims, dims.n_head_kv, 1, 1, ct, ct, model.flash_attn))
+    if not mixed_on or not _mixed_active(b):
+        return int(round(full_cells * full))
+    total = 0.0
+    full_pl = [sum(1 for w in row if w == 0) for row in b.head_window]
+    if any(full_pl):
+        total += full_cells * _cache_bytes(dims, full_pl, 1, 1, ct, ct, model.flash_attn)
+    for w in sorted({w for row in b.head_window for w in row if w > 0}):
+        pl = [sum(1 for x in row if x == w) for row in b.head_window]
+        total += min(n_tokens, b.sink + w) * _cache_bytes(dims, pl, 1, 1, ct, ct, model.flash_attn)
+    return int(round(total))
+
+
 def _live_bytes(model, bpc: tuple[float, float]) -> tuple[int, int, int]:
     from .runtime.library import kv_used_cells
 
@@ -298,6 +337,40 @@ def _prompt_tokens(model, problem) -> tuple[list[int], list[str]]:
     return model.tokenize(text), []
 
 
+def greedy_beacons(model, tokens: Sequence[int], max_tokens: int, stops: Sequence[str] = ()) -> dict:
+    """:func:`greedy` through the beacon loop: the same argmax rule with the beacon id banned, a beacon after every
+    c visible tokens and the chunk behind it evicted. Adds the loop's counters (``beacon_stats``)."""
+    from .runtime.beacons import BeaconGenerator
+
+    b = model.budgets
+    gen = BeaconGenerator(model, int(b.beacon_token_id), int(b.beacon_interval))
+    model.reset()
+    out: list[int] = []
+    text = None
+    finish = None
+    t0 = time.perf_counter()
+    t1 = None
+    try:
+        for tok in gen.generate(tokens, max_tokens=max_tokens, temperature=0.0):
+            if t1 is None:
+                t1 = time.perf_counter()  # the first token comes right after the prompt's decode
+            out.append(tok)
+            if stops:
+                t = model.detokenize(out)
+                hit = [t.index(s) for s in stops if s in t]
+                if hit:
+                    text, finish = t[:min(hit)], "stop"
+                    break
+    finally:
+        gen.close()
+    t2 = time.perf_counter()
+    st = gen.stats
+    return {"ids": out, "text": model.detokenize(out) if text is None else text,
+            "finish": finish or ("stop" if st.finish_reason == "stop" else "length"),
+            "prompt_tokens": len(tokens), "prefill_s": (t1 or t2) - t0, "decode_s": t2 - (t1 or t2),
+            "n_decodes": max(0, len(out) - 1) + st.beacons, "beacon_stats": st.as_dict()}
+
+
 def greedy(model, tokens: Sequence[int], max_tokens: int, stops: Sequence[str] = ()) -> dict:
     """Greedy generation from an empty cache. Returns ids, text, finish ("stop"|"length"), timings."""
     import llama_cpp
@@ -348,6 +421,8 @@ def _run_key(v: Variant, task: str, seed: int, max_tokens: int, n_ctx: int, n_ub
     st = v.path.stat()
     ident = [str(v.path.resolve()), st.st_size, st.st_mtime_ns, v.name, task, seed, max_tokens, n_ctx, n_ubatch,
              cache_type]
+    if v.beacons and v.name == "full":  # auto on a beacon file resolved before beacon variants existed: keep apart
+        ident.append("beacons")
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
@@ -431,7 +506,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                 if ctx_len is None:
                     # prompt lengths need the model's tokenizer: load once to measure them
                     model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=cache_type, mixed=v.mixed)
+                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons)
                     longest = max(len(_prompt_tokens(model, p)[0]) for p in problems)
                     ctx_len = longest + max_tokens + 1
                     model.close()
@@ -441,7 +516,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                 todo = [i for i, r in enumerate(recs) if r is None]
                 if todo:
                     model = Model.load(v.path, n_ctx=ctx_len, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=cache_type, mixed=v.mixed)
+                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons)
                     stats = model.kv_stats()
                     bpc = _bytes_per_cell(model)
                     bar = _progress(len(todo), f"{v.label}", progress, skipped=n - len(todo))
@@ -449,18 +524,32 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                         for i in todo:
                             p = problems[i]
                             toks, stops = _prompt_tokens(model, p)
-                            g = greedy(model, toks, max_tokens, stops)
-                            live, full_c, ring_c = _live_bytes(model, bpc)
+                            if v.beacons:
+                                g = greedy_beacons(model, toks, max_tokens, stops)
+                                live, full_c, ring_c = _live_bytes(model, bpc)
+                                bs = g["beacon_stats"]
+                                # the full-head cells peak mid-generation; rings never shrink, so their end count is theirs
+                                full_c = bs["peak_full_cells"] if bs["peak_full_cells"] is not None else bs["peak_live_cells"]
+                                live = int(round(full_c * bpc[0] + ring_c * bpc[1]))
+                            else:
+                                g = greedy(model, toks, max_tokens, stops)
+                                live, full_c, ring_c = _live_bytes(model, bpc)
                             reward = score(p, g["text"])
+                            # cells the sequence had at its largest (the beacon loop evicts, so its peak, not its length)
+                            n_seen = g["beacon_stats"]["peak_live_cells"] if v.beacons else g["prompt_tokens"] + len(g["ids"])
+                            retained = _retained_bytes(model, n_seen, full_c, bool(stats["mixed"]))
                             rec = {"key": key, "index": p.index, "qhash": _qhash(p), "model": str(v.path),
                                    "variant": v.name, "reward": reward, "gen_tokens": len(g["ids"]),
                                    "prompt_tokens": g["prompt_tokens"], "finish": g["finish"],
                                    "repetitive": is_repetitive(g["ids"]), "live_kv_bytes": live,
-                                   "live_full_cells": full_c, "live_ring_cells": ring_c,
+                                   "live_full_cells": full_c, "live_ring_cells": ring_c, "retained_kv_bytes": retained,
                                    "allocated_kv_bytes": stats["allocated_bytes"], "stock_kv_bytes": stats["stock_bytes"],
                                    "mixed_active": stats["mixed"], "prefill_s": round(g["prefill_s"], 6),
                                    "decode_s": round(g["decode_s"], 6), "n_decodes": g["n_decodes"],
                                    "completion": g["text"]}
+                            if v.beacons:
+                                rec["beacons"] = {k: g["beacon_stats"][k] for k in
+                                                  ("interval", "beacons", "evicted", "peak_live_cells", "next_pos")}
                             if metric_fn is not None:
                                 try:
                                     rec["metrics"] = {k: float(x) for k, x in metric_fn(p, g["text"]).items()}
@@ -536,6 +625,8 @@ def summarize(v: Variant, recs: Sequence[dict]) -> dict:
         "capped_frac": capped / n if n else None, "repeat_frac": rep / n if n else None,
         "degenerate_frac": degen / n if n else None,
         "peak_live_kv_bytes": max((r["live_kv_bytes"] for r in recs), default=None),
+        "peak_live_cells": max((r["live_full_cells"] + r["live_ring_cells"] for r in recs), default=None),
+        "peak_retained_kv_bytes": max((r.get("retained_kv_bytes", r["live_kv_bytes"]) for r in recs), default=None),
         "mean_live_kv_bytes": float(np.mean([r["live_kv_bytes"] for r in recs])) if recs else None,
         "allocated_kv_bytes": recs[-1]["allocated_kv_bytes"] if recs else None,
         "stock_kv_bytes": recs[-1]["stock_kv_bytes"] if recs else None,
@@ -544,6 +635,10 @@ def summarize(v: Variant, recs: Sequence[dict]) -> dict:
         "decode_tok_s": dec_n / dec_s if dec_s > 0 else None,
     }
     row["method"] = (b.method or "unknown") if (b is not None and row["mixed_active"]) else "full"
+    if v.beacons:
+        row["method"] = "beacons" if not row["mixed_active"] else "beacons+" + row["method"]
+        row["beacon_interval"] = int(b.beacon_interval) if b is not None else None
+        row["mean_beacons"] = float(np.mean([r.get("beacons", {}).get("beacons", 0) for r in recs])) if recs else None
     if b is not None and b.head_window is not None:
         flat = [w for r in b.head_window for w in r]
         row["compressed_heads"] = sum(1 for w in flat if w > 0)
@@ -576,7 +671,7 @@ def markdown(rows: Sequence[dict]) -> str:
     """The result table (one row per file/variant)."""
     extra = sorted({m for r in rows for m in (r.get("metrics") or {})})
     head = (["model", "variant", "compressed", "n", "accuracy [95% CI]"] + extra +
-            ["gen len", "capped", "repeat", "peak live KV", "alloc KV (stock)", "prefill tok/s", "decode tok/s"])
+            ["gen len", "capped", "repeat", "peak live cells", "peak live KV", "retained KV", "alloc KV (stock)", "prefill tok/s", "decode tok/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         comp = f"{r['compressed_heads']}/{r['kv_heads']}" if r.get("kv_heads") and r.get("mixed_active") else "0"
@@ -584,7 +679,9 @@ def markdown(rows: Sequence[dict]) -> str:
         cells = [r["model"], r["variant"], comp, str(r["n"]), acc]
         cells += [f"{r['metrics'][m]:.4f}" if m in (r.get("metrics") or {}) else "-" for m in extra]
         cells += [f"{r['mean_gen_tokens']:.1f}" if r["mean_gen_tokens"] is not None else "-",
-                  _pct(r["capped_frac"]), _pct(r["repeat_frac"]), _fmt_bytes(r["peak_live_kv_bytes"]),
+                  _pct(r["capped_frac"]), _pct(r["repeat_frac"]),
+                  str(r["peak_live_cells"]) if r.get("peak_live_cells") is not None else "-",
+                  _fmt_bytes(r["peak_live_kv_bytes"]), _fmt_bytes(r.get("peak_retained_kv_bytes")),
                   f"{_fmt_bytes(r['allocated_kv_bytes'])} ({_fmt_bytes(r['stock_kv_bytes'])})",
                   f"{r['prefill_tok_s']:.0f}" if r["prefill_tok_s"] else "-",
                   f"{r['decode_tok_s']:.0f}" if r["decode_tok_s"] else "-"]
@@ -601,14 +698,15 @@ def _pareto(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
-_STYLE = {"full": ("*", "tab:red"), "random": ("o", "tab:gray"), "manual": ("s", "tab:green"),
+_STYLE = {"beacons": ("P", "tab:orange"), "full": ("*", "tab:red"), "random": ("o", "tab:gray"), "manual": ("s", "tab:green"),
           "kvtool-rlkv": ("D", "tab:blue"), "rlkv": ("D", "tab:cyan"), "duo": ("^", "tab:purple")}
-_METHOD_NAMES = {"full": "full cache", "random": "random mask", "manual": "manual scores",
+_METHOD_NAMES = {"beacons": "beacons", "full": "full cache", "random": "random mask", "manual": "manual scores",
                  "kvtool-rlkv": "RLKV (kvtool train heads)", "rlkv": "RLKV (imported)", "duo": "DuoAttention"}
 
 
 def plot_pareto(rows: Sequence[dict], out: str | os.PathLike, title: str = "") -> Path:
-    """PNG: accuracy (Wilson 95% error bars) against allocated KV bytes and against peak live KV bytes, one marker
+    """PNG: accuracy (Wilson 95% error bars) against allocated KV bytes and against peak retained KV bytes (what
+    attention can still see, :func:`_retained_bytes`; older records fall back to peak live bytes), one marker
     per head-selection method (``kvtool.heads.method``); points are labelled when there are at most 8."""
     import matplotlib
 
@@ -619,8 +717,9 @@ def plot_pareto(rows: Sequence[dict], out: str | os.PathLike, title: str = "") -
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     methods = list(dict.fromkeys(r.get("method", "full") for r in rows))
     annotate = len(rows) <= 8
-    for ax, key, name in ((axes[0], "allocated_kv_bytes", "allocated KV"), (axes[1], "peak_live_kv_bytes", "peak live KV")):
-        xs = [(r[key] or 0) / 1024 for r in rows]
+    for ax, key, name in ((axes[0], "allocated_kv_bytes", "allocated KV"),
+                          (axes[1], "peak_retained_kv_bytes", "peak retained KV")):
+        xs = [(r.get(key) or r.get("peak_live_kv_bytes") or 0) / 1024 for r in rows]
         ys = [r["accuracy"] for r in rows]
         for mth in methods:
             idx = [i for i, r in enumerate(rows) if r.get("method", "full") == mth]

@@ -23,7 +23,8 @@ def _echo(msg: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Dataset seed.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Generation cap per problem.")
 @click.option("--variants", default=None,
-              help="Comma-separated: full (kvtool.kv.enabled=false), mixed (=true), auto (as the file says; default).")
+              help="Comma-separated: full (kvtool.kv.enabled=false, no beacons), mixed (=true), beacons (beacon loop, "
+                   "every head full), mixed+beacons, auto (as the file says; default).")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
               help="Results JSON; per-problem records go to the .jsonl next to it (reruns resume from them).")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,

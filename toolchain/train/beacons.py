@@ -596,6 +596,24 @@ def config_mismatch(saved: dict, cfg: BeaconTrainConfig) -> list[str]:
     return bad
 
 
+# What a tokenizer may consist of on disk; convert_hf_to_gguf.py reads these (tokenizer.model for SentencePiece vocabularies,
+# add_bos_token from tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def _copy_source_tokenizer(model: str, out: Path) -> None:
+    """With a reused beacon id the vocabulary is unchanged, so the source's tokenizer files are copied verbatim over what
+    ``save_pretrained`` wrote: a re-save through the fast backend drops ``tokenizer.model`` and flags such as
+    ``add_bos_token``, and the GGUF converter then fails or changes BOS handling. A GGUF source has no such files."""
+    src = Path(model)
+    if not src.is_dir():
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            write_atomic(out / name, (src / name).read_bytes())
+
+
 def export_checkpoint(setup: Setup, out: Path, cfg: BeaconTrainConfig, extra: Optional[dict] = None) -> Path:
     """Write the HF checkpoint: LoRA merged, beacon row in the embedding, stock attention, tokenizer, kvtool.json.
     Consumes the setup (the model is merged in place)."""
@@ -611,6 +629,8 @@ def export_checkpoint(setup: Setup, out: Path, cfg: BeaconTrainConfig, extra: Op
         p.requires_grad_(False)
     model.save_pretrained(out, safe_serialization=True)
     setup.tok.save_pretrained(out)
+    if cfg.reuse_token is not None:
+        _copy_source_tokenizer(cfg.model, out)
     info = {"format": JSON_FORMAT,
             "beacon": {"token": setup.tok.convert_ids_to_tokens(setup.beacon_id), "token_id": setup.beacon_id,
                        "interval": setup.interval, "reused": cfg.reuse_token is not None},
