@@ -212,3 +212,27 @@ def test_renderer_dims_or_hides_think():
     assert DIM + "<think>" in shown and "xyz" in shown
     hidden = render(True, False)
     assert "xyz" not in hidden and "thought for 3 chars" in hidden
+
+
+def test_generate_beacons_and_no_beacons(tiny_gguf, tmp_path):
+    """A file with beacon keys generates through the beacon loop (the status line and --json show its live and peak
+    cells); --no-beacons runs the same file without beacons or eviction."""
+    from converters.gguf_budgets import K_BEACON_INTERVAL, K_BEACON_TOKEN, T_U32, Value
+
+    path = write_windows(tiny_gguf, tmp_path / "tiny-beacons.gguf", [[0, 0], [0, 0], [0, 0]], 0, enabled=False,
+                         extra={K_BEACON_TOKEN: Value(T_U32, 50), K_BEACON_INTERVAL: Value(T_U32, 8)})
+    res = kvtool("generate", path, "-p", "the word", "-n", 40, "--n-ctx", 256, "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    b, st = out["kv"]["beacons"], out["stats"]
+    n_prompt, n = st["prompt_tokens"], st["generated_tokens"]
+    assert b["interval"] == 8 and b["token_id"] == 50 and n == 40
+    assert b["beacons"] == 4 and b["evicted"] == 32
+    assert b["positions"] == n_prompt + n + b["beacons"] - 1  # the last sampled token is never decoded
+    assert b["live_cells"] == b["positions"] - b["evicted"] <= b["peak_live_cells"] <= n_prompt + n // 8 + 8 + 1
+    res = kvtool("generate", path, "-p", "the word", "-n", 40, "--n-ctx", 256)
+    assert res.returncode == 0, res.stderr
+    assert "beacons every 8:" in res.stderr.strip().splitlines()[-1]
+    res = kvtool("generate", path, "-p", "the word", "-n", 40, "--n-ctx", 256, "--json", "--no-beacons")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["kv"]["beacons"] is None

@@ -635,6 +635,9 @@ def summarize(v: Variant, recs: Sequence[dict]) -> dict:
         "decode_tok_s": dec_n / dec_s if dec_s > 0 else None,
     }
     row["method"] = (b.method or "unknown") if (b is not None and row["mixed_active"]) else "full"
+    if (row["mixed_active"] and b is not None and b.head_window is not None
+            and all(w > 0 for r_ in b.head_window for w in r_)):
+        row["method"] = "streaming"  # every head compressed: which heads were "chosen" no longer matters
     if v.beacons:
         row["method"] = "beacons" if not row["mixed_active"] else "beacons+" + row["method"]
         row["beacon_interval"] = int(b.beacon_interval) if b is not None else None
@@ -698,10 +701,12 @@ def _pareto(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
-_STYLE = {"beacons": ("P", "tab:orange"), "full": ("*", "tab:red"), "random": ("o", "tab:gray"), "manual": ("s", "tab:green"),
-          "kvtool-rlkv": ("D", "tab:blue"), "rlkv": ("D", "tab:cyan"), "duo": ("^", "tab:purple")}
-_METHOD_NAMES = {"beacons": "beacons", "full": "full cache", "random": "random mask", "manual": "manual scores",
-                 "kvtool-rlkv": "RLKV (kvtool train heads)", "rlkv": "RLKV (imported)", "duo": "DuoAttention"}
+_STYLE = {"full": ("*", "tab:red"), "random": ("o", "tab:gray"), "manual": ("s", "tab:green"),
+          "kvtool-rlkv": ("D", "tab:blue"), "rlkv": ("D", "tab:cyan"), "duo": ("^", "tab:purple"),
+          "beacons": ("P", "tab:orange"), "streaming": ("v", "tab:brown")}
+_METHOD_NAMES = {"full": "full cache", "random": "random mask", "manual": "manual scores",
+                 "kvtool-rlkv": "RLKV (kvtool train heads)", "rlkv": "RLKV (imported)", "duo": "DuoAttention",
+                 "beacons": "beacons", "streaming": "every head sink + window (S=0: sliding window)"}
 
 
 def plot_pareto(rows: Sequence[dict], out: str | os.PathLike, title: str = "") -> Path:

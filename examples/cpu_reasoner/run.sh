@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU reasoner end to end: train -> HF dir -> GGUF (+ masks) -> kvtool eval, full vs masks.
 # Usage: examples/cpu_reasoner/run.sh            (from the repository root, venv active)
-# Settings (environment): OUT, MINUTES, N, SINK, WINDOW, SPARSITIES, SEEDS, ORACLE=1, RLKV=1, RLKV_STEPS, THREADS.
+# Settings (environment): OUT, MINUTES, N, SINK, WINDOW, SPARSITIES, SEEDS, ORACLE=1, RLKV=1, RLKV_STEPS, THREADS,
+#   BEACONS=1, INTERVALS, BEACON_STEPS (beacon training per interval + equal-memory window baselines, step 6).
 # Every step is skipped when its output exists, so a rerun resumes; delete $OUT to start over.
 set -euo pipefail
 
@@ -15,6 +16,9 @@ SEEDS=${SEEDS:-"0 1 2"}         # random masks per sparsity
 ORACLE=${ORACLE:-1}             # labelled per-head sensitivity mask (seconds)
 RLKV=${RLKV:-0}                 # kvtool train heads on the task (long on CPU)
 RLKV_STEPS=${RLKV_STEPS:-100}
+BEACONS=${BEACONS:-0}           # kvtool train beacons per interval, then beacons vs window baselines (long on CPU)
+INTERVALS=${INTERVALS:-"4 8 16 32"}
+BEACON_STEPS=${BEACON_STEPS:-500}
 THREADS=${THREADS:-2}          # runtime eval threads
 TRAIN_THREADS=${TRAIN_THREADS:-0}  # torch threads; 0 = auto (1 vs 2, re-probed: the machine is shared)
 PY=${PYTHON:-python}
@@ -92,3 +96,33 @@ for s in $SPARSITIES; do
 done
 kv_eval "${PPL_MODELS[@]}" --ppl "$OUT/sequences.txt" --n-ctx 278 --ubatch 64 --threads "$THREADS" \
     --out "$OUT/ppl.json" -q
+
+# 6. beacons: one distillation run per interval c, converted to GGUF, evaluated next to training-free baselines that
+#    keep the same number of cells (every head sink 4 + window, and sliding window only), and the full cache.
+#    '#' (id 3) is the vocabulary's reserved beacon character: never in the training data, so it is reused.
+if [ "$BEACONS" = 1 ]; then
+    BMODELS=("$BASE")
+    P=$("$PY" -c 'from toolchain.train.reasoner import PROMPT_LEN; print(PROMPT_LEN)')
+    G=$("$PY" -c 'from toolchain.train.reasoner import COT_LEN; print(COT_LEN)')
+    for c in $INTERVALS; do
+        ck="$OUT/beacons/c$c/model"
+        if [ ! -f "$ck/kvtool.json" ]; then
+            OMP_NUM_THREADS=${BEACON_THREADS:-1} nice -n 19 "${KV[@]}" train beacons --model "$HF" --task long_addition \
+                --interval "$c" --steps "$BEACON_STEPS" --batch 8 --group 1 --max-new-tokens 210 --full --lr 3e-4 \
+                --reuse-token 3 --out-dir "$OUT/beacons/c$c" -q
+        fi
+        g="$OUT/gguf/beacons-c$c.gguf"
+        [ -f "$g" ] || kv convert "$ck" --outtype f32 -o "$g"
+        BMODELS+=("$g")
+        # the beacon loop's peak live cells: prompt + ceil(G / c) beacons + one open chunk
+        cells=$(( P + (G + c - 1) / c + c ))
+        for sink in 4 0; do
+            m="$OUT/masks/window-S$sink-W$((cells - sink)).json"; g="$OUT/gguf/window-S$sink-W$((cells - sink)).gguf"
+            [ -f "$m" ] || kv heads random --model "$BASE" -s 1 --seed 0 --sink "$sink" --window $((cells - sink)) -o "$m"
+            [ -f "$g" ] || kv convert "$BASE" --mask "$m" -o "$g"
+            BMODELS+=("$g")
+        done
+    done
+    kv_eval "${BMODELS[@]}" --task long_addition --n "$N" --seed 0 --max-tokens 210 --ubatch 64 \
+        --threads "$THREADS" --out "$OUT/eval_beacons.json" --plot "$OUT/pareto_beacons.png"
+fi

@@ -330,11 +330,11 @@ def _readline_prompt(p: str, color: bool) -> str:
 @click.option("--show-think/--hide-think", default=True, show_default=True, help="Show <think> blocks (dimmed).")
 @load_options
 def command(model, system, max_tokens, temp, top_p, top_k, seed, show_think, n_ctx, n_ubatch, threads, cache_type,
-            no_mixed, flash_attn):
+            no_mixed, no_beacons, flash_attn):
     """Chat with a GGUF (its own chat template). Reads lines from stdin when it is not a terminal."""
     if max_tokens < 0:
         raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
-    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed)
+    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons)
     try:
         m.chat_prompt([{"role": "user", "content": "hi"}])  # an unknown template fails now, not after typing
         interactive = _isatty(sys.stdin)

@@ -26,6 +26,8 @@ def load_options(f):
                                                        "iq4_nl"]), default="f16", show_default=True,
                      help="KV cache type (quantized types need flash attention)."),
         click.option("--no-mixed", is_flag=True, help="Ignore the file's budgets: a full KV cache, for comparison."),
+        click.option("--no-beacons", is_flag=True,
+                     help="Ignore the file's beacon keys: no beacons, no eviction (A/B against the beacon loop)."),
         click.option("--flash-attn/--no-flash-attn", "flash_attn", default=None,
                      help="Default: on when the file has budgets (without it V rows are padded)."),
     ]
@@ -35,11 +37,12 @@ def load_options(f):
 
 
 def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], cache_type: str, no_mixed: bool,
-               flash_attn: Optional[bool], seed: int = 0):
+               flash_attn: Optional[bool], seed: int = 0, no_beacons: bool = False):
     from ..runtime.model import Model
 
     return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
-                      mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed)
+                      mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed,
+                      beacons=False if no_beacons else None)
 
 
 def fmt_bytes(n: Optional[int]) -> str:
@@ -61,6 +64,10 @@ def kv_summary(kv: dict) -> str:
     s = f"KV {fmt_bytes(kv['allocated_bytes'])} allocated ({mode})"
     if kv["mixed"] and kv["stock_bytes"]:
         s += f" vs {fmt_bytes(kv['stock_bytes'])} for a full cache ({100 * kv['allocated_bytes'] / kv['stock_bytes']:.0f}%)"
+    b = kv.get("beacons")
+    if b:
+        s += (f" · beacons every {b['interval']}: {b['live_cells']} live cells (peak {b['peak_live_cells']}) "
+              f"for {b['positions']} positions")
     return s
 
 
@@ -104,14 +111,14 @@ def read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
 @load_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, stats, KV bytes.")
 def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k, seed, stops, n_ctx, n_ubatch,
-            threads, cache_type, no_mixed, flash_attn, as_json):
+            threads, cache_type, no_mixed, no_beacons, flash_attn, as_json):
     """Complete a prompt once (streams to stdout; stats to stderr)."""
     text = read_prompt(prompt, file)
     if system is not None and not as_chat:
         raise KvtoolError("--system needs --chat")
     if max_tokens < 0:
         raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
-    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed)
+    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons)
     try:
         kw = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed, stop=list(stops))
         if as_chat:

@@ -323,7 +323,21 @@ class Model:
                 "live_full_cells": full_c, "live_ring_cells": ring_c,
                 "groups": [{"window": w, "cells": c} for w, c in kv_groups(ctx)],
                 "context_tokens": int(self._llm.n_tokens) or max(full_c, ring_c), "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
-                "cache_type": self.cache_type, "n_threads": self.n_threads}
+                "cache_type": self.cache_type, "n_threads": self.n_threads, "beacons": self._beacon_kv()}
+
+    def _beacon_kv(self) -> Optional[dict]:
+        """The beacon loop's view of the last generation (None when beacons are off): the cells this sequence holds
+        now, the most it held, and how many positions it spanned (prompt + visible tokens + beacons)."""
+        if not self.beacons:
+            return None
+        token_id, interval = int(self.budgets.beacon_token_id), int(self.budgets.beacon_interval)
+        bs = getattr(self, "beacon_stats", None)
+        if bs is None:
+            return {"token_id": token_id, "interval": interval, "live_cells": 0, "peak_live_cells": 0,
+                    "positions": 0, "beacons": 0, "evicted": 0}
+        return {"token_id": token_id, "interval": interval, "live_cells": bs.live_cells,
+                "peak_live_cells": bs.peak_live_cells, "positions": bs.next_pos, "beacons": bs.beacons,
+                "evicted": bs.evicted}
 
     # ------------------------------------------------------------------ generation
     def stop(self) -> None:
