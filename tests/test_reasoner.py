@@ -213,6 +213,32 @@ def test_eval_cli_on_the_reasoner(small_gguf, tmp_path):
     assert len(text) == 3 * 278 and text[0] == "^" and text[277] == "$"
 
 
+def test_beacon_checkpoint_of_the_reasoner_converts_and_evaluates(small_hf, patched_runtime, tmp_path):
+    """`kvtool train beacons --reuse-token 3` on the reasoner: the checkpoint keeps the SentencePiece tokenizer files
+    (a re-save through the fast backend drops tokenizer.model and convert_hf_to_gguf.py then refuses the vocabulary),
+    converts with the beacon keys, and `kvtool eval` runs its beacons variant next to full."""
+    from converters.gguf_budgets import read_budgets
+    from toolchain.eval import run_eval
+    from toolchain.runtime.beacons import convert_checkpoint
+    from toolchain.train.beacons import BeaconTrainConfig, train
+
+    cfg = BeaconTrainConfig(model=str(small_hf), tasks=("long_addition",), interval=16, steps=1, batch=2, group=1,
+                            max_new_tokens=210, full=True, lr=3e-4, reuse_token=R.BEACON, pool=8,
+                            out_dir=str(tmp_path / "run"), device="cpu")
+    res = train(cfg, progress=False, echo=lambda m: None)
+    ck = res.output
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        assert (ck / name).read_bytes() == (small_hf / name).read_bytes(), name
+    g = convert_checkpoint(ck, tmp_path / "b.gguf", outtype="f32")
+    b = read_budgets(g)
+    assert (b.beacon_token_id, b.beacon_interval) == (R.BEACON, 16)
+    out = run_eval([g], "long_addition", n=2, max_tokens=210, variants=["full", "beacons"], n_ubatch=32, threads=1,
+                   progress=False)
+    full, bea = out["rows"]
+    assert bea["beacon_interval"] == 16 and bea["peak_live_cells"] < full["peak_live_cells"]
+    assert bea["peak_live_cells"] <= R.PROMPT_LEN + -(-R.COT_LEN // 16) + 16
+
+
 @pytest.mark.slow
 def test_full_training_reaches_high_exact_match(tmp_path):
     """The example's recipe: 28 minutes on 2 cores (measured: 1.000 here, docs/benchmarks_reasoner.md), then held-out
