@@ -15,7 +15,7 @@ SPARSITIES=${SPARSITIES:-"0.25 0.5 0.75"}
 SEEDS=${SEEDS:-"0 1 2"}         # random masks per sparsity
 ORACLE=${ORACLE:-1}             # labelled per-head sensitivity mask (seconds)
 RLKV=${RLKV:-0}                 # kvtool train heads on the task (long on CPU)
-RLKV_STEPS=${RLKV_STEPS:-100}
+RLKV_STEPS=${RLKV_STEPS:-600}
 BEACONS=${BEACONS:-0}           # kvtool train beacons per interval, then beacons vs window baselines (long on CPU)
 INTERVALS=${INTERVALS:-"4 8 16 32"}
 BEACON_STEPS=${BEACON_STEPS:-500}
@@ -69,15 +69,17 @@ if [ "$ORACLE" = 1 ]; then
     done
 fi
 if [ "$RLKV" = 1 ]; then
-    if [ ! -f "$OUT/masks/rlkv.json" ]; then
-        # one torch thread: on the loaded 2-core machine float32 steps took 12.8 s with 2 threads, 2.7 s with 1
+    R="$OUT/masks/rlkv-$RLKV_STEPS.json"
+    if [ ! -f "$R" ]; then
+        # one torch thread: on the loaded 2-core machine float32 steps took 12.8 s with 2 threads, 2.7 s with 1.
+        # --resume: a longer RLKV_STEPS continues the last run (bit for bit the same as running it in one go)
         OMP_NUM_THREADS=${RLKV_THREADS:-1} nice -n 19 "${KV[@]}" train heads --model "$HF" --task long_addition --sink "$SINK" --window "$WINDOW" \
-            --max-new-tokens 210 --steps "$RLKV_STEPS" --batch 4 --group 4 --pool 64 --out-dir "$OUT/rlkv" \
-            -o "$OUT/masks/rlkv.json" -q
+            --max-new-tokens 210 --steps "$RLKV_STEPS" --batch 4 --group 4 --pool 64 --out-dir "$OUT/rlkv" --resume \
+            -o "$R" -q
     fi
     for s in $SPARSITIES; do
-        g="$OUT/gguf/rlkv-s$s.gguf"
-        [ -f "$g" ] || kv convert "$BASE" --mask "$OUT/masks/rlkv.json" --sparsity "$s" -o "$g"
+        g="$OUT/gguf/rlkv$RLKV_STEPS-s$s.gguf"
+        [ -f "$g" ] || kv convert "$BASE" --mask "$R" --sparsity "$s" -o "$g"
         MODELS+=("$g")
     done
 fi
@@ -92,13 +94,14 @@ PPL_MODELS=()
 for s in $SPARSITIES; do
     PPL_MODELS+=("$OUT/gguf/random-s$s-seed0.gguf")
     [ "$ORACLE" = 1 ] && PPL_MODELS+=("$OUT/gguf/oracle-s$s.gguf")
-    [ "$RLKV" = 1 ] && PPL_MODELS+=("$OUT/gguf/rlkv-s$s.gguf")
+    [ "$RLKV" = 1 ] && PPL_MODELS+=("$OUT/gguf/rlkv$RLKV_STEPS-s$s.gguf")
 done
 kv_eval "${PPL_MODELS[@]}" --ppl "$OUT/sequences.txt" --n-ctx 278 --ubatch 64 --threads "$THREADS" \
     --out "$OUT/ppl.json" -q
 
 # 6. beacons: one distillation run per interval c, converted to GGUF, evaluated next to training-free baselines that
-#    keep the same number of cells (every head sink 4 + window, and sliding window only), and the full cache.
+#    keep the same number of cells (every head: sink 4 + window, sliding window only, sink = the prompt + window),
+#    and the full cache.
 #    '#' (id 3) is the vocabulary's reserved beacon character: never in the training data, so it is reused.
 if [ "$BEACONS" = 1 ]; then
     BMODELS=("$BASE")
@@ -116,7 +119,7 @@ if [ "$BEACONS" = 1 ]; then
         BMODELS+=("$g")
         # the beacon loop's peak live cells: prompt + ceil(G / c) beacons + one open chunk
         cells=$(( P + (G + c - 1) / c + c ))
-        for sink in 4 0; do
+        for sink in 4 0 "$P"; do  # StreamingLLM (S=4), sliding window (S=0), and a sink that holds the whole prompt
             m="$OUT/masks/window-S$sink-W$((cells - sink)).json"; g="$OUT/gguf/window-S$sink-W$((cells - sink)).gguf"
             [ -f "$m" ] || kv heads random --model "$BASE" -s 1 --seed 0 --sink "$sink" --window $((cells - sink)) -o "$m"
             [ -f "$g" ] || kv convert "$BASE" --mask "$m" -o "$g"
