@@ -255,6 +255,11 @@ def test_resume_is_exact(tiny_dir, tmp_path):
     la = [json.loads(x) for x in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lb] == [1, 2, 3] and [x["kl"] for x in la] == [x["kl"] for x in lb]
+    # a later phase may add the GRPO term: the step counter carries on and the log shows the student's reward
+    tb.train(_cfg(tiny_dir, tmp_path / "b", steps=4, resume=True, rl_weight=0.5, rl_group=2), progress=False,
+             echo=lambda m: None, export=False)
+    lb = [json.loads(x) for x in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lb] == [1, 2, 3, 4] and "student_reward" in lb[-1] and "student_reward" not in lb[2]
 
 
 def test_export_writes_hf_checkpoint_with_beacon_and_kvtool_json(tiny_dir, tmp_path):

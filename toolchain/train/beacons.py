@@ -61,8 +61,11 @@ KVTOOL_JSON = "kvtool.json"
 JSON_FORMAT = "kvtool.beacons/1"
 CKPT_FORMAT = "kvtool.beacons-ckpt/1"
 RewardFn = Callable[[Problem, str], float]
-# Fields that may change between a run and its --resume; every other field must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "save_every", "output", "out_dir", "device", "micro_batch", "resume"}
+# Fields that may change between a run and its --resume; every other field must match the checkpoint. The RL term's
+# settings are among them so that a run can distil first and add GRPO once the student earns reward (a later phase
+# of the same run; the step counter and optimiser state carry on).
+RESUMABLE_CHANGES = {"steps", "save_every", "output", "out_dir", "device", "micro_batch", "resume",
+                     "rl_weight", "rl_group"}
 
 
 @dataclass
