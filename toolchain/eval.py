@@ -337,6 +337,15 @@ def _prompt_tokens(model, problem) -> tuple[list[int], list[str]]:
     return model.tokenize(text), []
 
 
+def _cut_at_stop(model, ids: Sequence[int], stops: Sequence[str]) -> Optional[str]:
+    """The text of ``ids`` up to the first stop string, or None while no stop string has appeared."""
+    if not stops:
+        return None
+    t = model.detokenize(ids)
+    hit = [t.index(s) for s in stops if s in t]
+    return t[:min(hit)] if hit else None
+
+
 def greedy_beacons(model, tokens: Sequence[int], max_tokens: int, stops: Sequence[str] = ()) -> dict:
     """:func:`greedy` through the beacon loop: the same argmax rule with the beacon id banned, a beacon after every
     c visible tokens and the chunk behind it evicted. Adds the loop's counters (``beacon_stats``)."""
@@ -355,12 +364,10 @@ def greedy_beacons(model, tokens: Sequence[int], max_tokens: int, stops: Sequenc
             if t1 is None:
                 t1 = time.perf_counter()  # the first token comes right after the prompt's decode
             out.append(tok)
-            if stops:
-                t = model.detokenize(out)
-                hit = [t.index(s) for s in stops if s in t]
-                if hit:
-                    text, finish = t[:min(hit)], "stop"
-                    break
+            text = _cut_at_stop(model, out, stops)
+            if text is not None:
+                finish = "stop"
+                break
     finally:
         gen.close()
     t2 = time.perf_counter()
@@ -395,12 +402,10 @@ def greedy(model, tokens: Sequence[int], max_tokens: int, stops: Sequence[str] =
             finish = "stop"
             break
         out.append(tok)
-        if stops:
-            t = model.detokenize(out)
-            hit = [t.index(s) for s in stops if s in t]
-            if hit:
-                text, finish = t[:min(hit)], "stop"
-                break
+        text = _cut_at_stop(model, out, stops)
+        if text is not None:
+            finish = "stop"
+            break
         if len(out) >= limit:
             break
         logits = _decode(llm, [tok])
