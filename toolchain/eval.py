@@ -714,10 +714,20 @@ _METHOD_NAMES = {"full": "full cache", "random": "random mask", "manual": "manua
                  "beacons": "beacons", "streaming": "every head sink + window (S=0: sliding window)"}
 
 
+def _point_label(row: dict) -> str:
+    """What a point is, short: ``c=16`` for beacons, ``S4+W102`` when every head is compressed, else the row label."""
+    if row.get("beacon_interval"):
+        return f"c={row['beacon_interval']}" + ("" if not row.get("mixed_active") else f" {row['variant']}")
+    if row.get("method") == "streaming" and row.get("windows") and len(row["windows"]) == 1:
+        return f"S{row.get('sink', 0)}+W{row['windows'][0]}"
+    return row["label"]
+
+
 def plot_pareto(rows: Sequence[dict], out: str | os.PathLike, title: str = "") -> Path:
     """PNG: accuracy (Wilson 95% error bars) against allocated KV bytes and against peak retained KV bytes (what
     attention can still see, :func:`_retained_bytes`; older records fall back to peak live bytes), one marker
-    per head-selection method (``kvtool.heads.method``); points are labelled when there are at most 8."""
+    per head-selection method (``kvtool.heads.method``); points are labelled (:func:`_point_label`) when there are at
+    most 24."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -726,7 +736,7 @@ def plot_pareto(rows: Sequence[dict], out: str | os.PathLike, title: str = "") -
     rows = [r for r in rows if r["accuracy"] is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     methods = list(dict.fromkeys(r.get("method", "full") for r in rows))
-    annotate = len(rows) <= 8
+    annotate = len(rows) <= 24
     for ax, key, name in ((axes[0], "allocated_kv_bytes", "allocated KV"),
                           (axes[1], "peak_retained_kv_bytes", "peak retained KV")):
         xs = [(r.get(key) or r.get("peak_live_kv_bytes") or 0) / 1024 for r in rows]
@@ -739,7 +749,8 @@ def plot_pareto(rows: Sequence[dict], out: str | os.PathLike, title: str = "") -
                         fmt=marker, color=color, capsize=3, alpha=0.8, label=_METHOD_NAMES.get(mth, mth))
         if annotate:
             for i, r in enumerate(rows):
-                ax.annotate(r["label"], (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(_point_label(r), (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7 if len(rows) <= 8 else 6)
         front = _pareto(list(zip(xs, ys)))
         if len(front) > 1:
             ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="gray", lw=1, label="Pareto front")
