@@ -426,8 +426,6 @@ def _run_key(v: Variant, task: str, seed: int, max_tokens: int, n_ctx: int, n_ub
     st = v.path.stat()
     ident = [str(v.path.resolve()), st.st_size, st.st_mtime_ns, v.name, task, seed, max_tokens, n_ctx, n_ubatch,
              cache_type]
-    if v.beacons and v.name == "full":  # auto on a beacon file resolved before beacon variants existed: keep apart
-        ident.append("beacons")
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
@@ -531,9 +529,9 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                             toks, stops = _prompt_tokens(model, p)
                             if v.beacons:
                                 g = greedy_beacons(model, toks, max_tokens, stops)
-                                live, full_c, ring_c = _live_bytes(model, bpc)
+                                _, _, ring_c = _live_bytes(model, bpc)
                                 bs = g["beacon_stats"]
-                                # the full-head cells peak mid-generation; rings never shrink, so their end count is theirs
+                                # the full-head cells peak mid-generation (eviction shrinks them); rings: end count
                                 full_c = bs["peak_full_cells"] if bs["peak_full_cells"] is not None else bs["peak_live_cells"]
                                 live = int(round(full_c * bpc[0] + ring_c * bpc[1]))
                             else:
