@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -260,6 +261,23 @@ def test_resume_is_exact(tiny_dir, tmp_path):
              echo=lambda m: None, export=False)
     lb = [json.loads(x) for x in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lb] == [1, 2, 3, 4] and "student_reward" in lb[-1] and "student_reward" not in lb[2]
+
+
+def test_lr_schedule(tiny_dir, tmp_path):
+    c = _cfg(tiny_dir, tmp_path, steps=10, warmup=2, lr_schedule="cosine")
+    f = [tb.lr_factor(c, s) for s in range(1, 11)]
+    assert f[:2] == [0.5, 1.0] and f[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(f[1:], f[2:]))                       # strictly decaying after warm-up
+    assert [tb.lr_factor(_cfg(tiny_dir, tmp_path, steps=10), s) for s in (1, 10)] == [1.0, 1.0]
+    with pytest.raises(KvtoolError, match="--lr-schedule"):
+        _cfg(tiny_dir, tmp_path, lr_schedule="linear")
+    with pytest.raises(KvtoolError, match="--warmup"):
+        _cfg(tiny_dir, tmp_path, warmup=-1)
+    # the optimiser sees it: the logged rate is the schedule's, for both parameter groups
+    tb.train(_cfg(tiny_dir, tmp_path, steps=3, lr_schedule="cosine"), progress=False, echo=lambda m: None,
+             export=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["lr"] for x in log] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in (1, 2, 3)])
 
 
 def test_export_writes_hf_checkpoint_with_beacon_and_kvtool_json(tiny_dir, tmp_path):

@@ -37,6 +37,9 @@ def _require_extras(full: bool) -> None:
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate (LoRA or all weights).")
 @click.option("--beacon-lr", type=float, default=1e-3, show_default=True, help="Learning rate of the beacon embedding.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="Learning-rate schedule after warm-up (cosine decays to 0 at --steps).")
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warm-up steps.")
 @click.option("--full", is_flag=True, help="Train every weight (default: LoRA adapters + the beacon embedding).")
 @click.option("--lora-r", type=int, default=16, show_default=True)
 @click.option("--lora-alpha", type=int, default=32, show_default=True)
@@ -61,8 +64,8 @@ def _require_extras(full: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def beacons_cmd(model, tasks, interval, steps, batch, group, max_new_tokens, temperature, lr, beacon_lr, weight_decay,
-                full, lora_r, lora_alpha, reuse_token, distill_on, rl_weight, rl_group, micro_batch, pool, device, dtype,
-                out_dir, output, save_every, resume, seed, quiet):
+                lr_schedule, warmup, full, lora_r, lora_alpha, reuse_token, distill_on, rl_weight, rl_group, micro_batch,
+                pool, device, dtype, out_dir, output, save_every, resume, seed, quiet):
     """Train beacon compression (distillation from the beacon-free model, optional GRPO) and write an HF checkpoint
     with the beacon token and kvtool.json; then `kvtool convert CKPT_DIR -o m.gguf`.
 
@@ -77,7 +80,8 @@ def beacons_cmd(model, tasks, interval, steps, batch, group, max_new_tokens, tem
 
     cfg = BeaconTrainConfig(model=model, tasks=tuple(tasks), interval=interval, steps=steps, batch=batch, group=group,
                             max_new_tokens=max_new_tokens, temperature=temperature, lr=lr, beacon_lr=beacon_lr,
-                            weight_decay=weight_decay, full=full, lora_r=lora_r, lora_alpha=lora_alpha,
+                            weight_decay=weight_decay, lr_schedule=lr_schedule, warmup=warmup, full=full,
+                            lora_r=lora_r, lora_alpha=lora_alpha,
                             reuse_token=reuse_token, distill_on=distill_on, rl_weight=rl_weight, rl_group=rl_group,
                             micro_batch=micro_batch, pool=pool, device=device, dtype=dtype, out_dir=out_dir,
                             output=output, save_every=save_every, seed=seed, resume=resume)

@@ -81,6 +81,8 @@ class BeaconTrainConfig:
     lr: float = 1e-4
     beacon_lr: float = 1e-3  # the beacon embedding row
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at ``steps``; a --resume with more steps stretches it)
+    warmup: int = 0  # linear warm-up steps (both schedules)
     full: bool = False  # train every weight instead of LoRA adapters
     lora_r: int = 16
     lora_alpha: int = 32
@@ -116,6 +118,10 @@ class BeaconTrainConfig:
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise KvtoolError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise KvtoolError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.warmup < 0:
+            raise KvtoolError(f"--warmup must be >= 0, got {self.warmup}")
         if self.distill_on not in ("all", "correct"):
             raise KvtoolError(f"--distill-on must be all or correct, got {self.distill_on!r}")
         if self.reuse_token is not None and int(self.reuse_token) < 0:
@@ -550,6 +556,18 @@ def make_optimizer(setup: Setup, cfg: BeaconTrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, betas=(0.9, 0.98))
 
 
+def lr_factor(cfg: BeaconTrainConfig, step: int) -> float:
+    """Multiplier on every group's learning rate at 1-based ``step``: linear warm-up over ``cfg.warmup`` steps, then
+    constant or a cosine decay to 0 at ``cfg.steps`` (exact-match tasks gain from a quiet end of training)."""
+    if cfg.warmup and step <= cfg.warmup:
+        return step / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup)
+    frac = min(1.0, max(0.0, (step - cfg.warmup) / span))
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def checkpoint_path(out_dir, step: int) -> Path:
     return Path(out_dir) / "ckpt" / f"step_{step}.pt"
 
@@ -697,7 +715,11 @@ def train(cfg: BeaconTrainConfig, reward_fn: RewardFn = score, progress: bool = 
     try:
         for step in range(start + 1, cfg.steps + 1):
             idx = batch_indices(step, cfg.batch, len(problems), cfg.seed)
-            stats = {"step": step, **beacon_step(setup, opt, [problems[i] for i in idx], cfg, reward_fn)}
+            f_lr = lr_factor(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = g.setdefault("base_lr", g["lr"]) * f_lr
+            stats = {"step": step, **beacon_step(setup, opt, [problems[i] for i in idx], cfg, reward_fn),
+                     "lr": opt.param_groups[-1]["lr"]}
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(stats) + "\n")
             post = {"kl": "-" if stats["kl"] is None else f"{stats['kl']:.4f}",

@@ -53,7 +53,7 @@ __all__ = [
     "TASK", "N_DIGITS", "PROMPT_LEN", "COT_LEN", "SEQ_LEN", "VOCAB", "STOI", "PAD", "BOS", "EOS", "BEACON",
     "encode", "decode", "sequences_text", "make_example", "make_batch", "make_problems", "score_completion", "token_accuracy",
     "save_tokenizer", "spm_model_bytes", "make_config", "make_model", "TrainConfig", "train", "evaluate",
-    "load_hf", "head_sensitivity",
+    "load_hf", "head_sensitivity", "TaskSpec", "TASK_SPECS", "task_spec",
 ]
 
 TASK = "long_addition"
@@ -183,6 +183,28 @@ def sequences_text(n: int, seed: int = 2_000_000, n_digits: int = N_DIGITS) -> s
     ``kvtool eval --ppl`` (``^``/``$`` are parsed as the begin/end tokens)."""
     rng = np.random.Generator(np.random.PCG64([int(seed), 0x7E47]))
     return "".join("".join(VOCAB[i] for i in row) for row in make_batch(rng, n, n_digits))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the trainer needs from a task: its fixed prompt and chain lengths and a vectorised batch maker
+    (``rng, batch -> [batch, prompt_len + cot_len]`` ids, ``^`` first and ``$`` last)."""
+    prompt_len: int
+    cot_len: int
+    make_batch: Callable[[np.random.Generator, int], np.ndarray]
+
+
+# task name -> spec; ``cyclic_sum`` (the long-chain task) adds itself on import
+TASK_SPECS: dict[str, TaskSpec] = {TASK: TaskSpec(PROMPT_LEN, COT_LEN, lambda rng, batch: make_batch(rng, batch))}
+
+
+def task_spec(task: str = TASK, n_digits: int = N_DIGITS) -> TaskSpec:
+    """The spec of ``task``; ``n_digits`` resizes ``long_addition`` (tests use short ones)."""
+    if task == TASK and n_digits != N_DIGITS:
+        return TaskSpec(prompt_len(n_digits), cot_len(n_digits), lambda rng, batch: make_batch(rng, batch, n_digits))
+    if task not in TASK_SPECS:
+        raise ValueError(f"unknown reasoner task {task!r} (known: {', '.join(sorted(TASK_SPECS))})")
+    return TASK_SPECS[task]
 
 
 def _metrics(problem: Problem, completion: str) -> dict:
@@ -350,6 +372,7 @@ class TrainConfig:
     probe_every: int = 200
     seed: int = 0
     n_digits: int = N_DIGITS
+    task: str = TASK                 # a key of TASK_SPECS
     log_every: int = 25
     eval_every: int = 0              # steps between quick held-out evals (0: only at the end)
     eval_n: int = 200
@@ -377,12 +400,12 @@ def lr_at(cfg: TrainConfig, step: int, frac: float) -> float:
     return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def cot_loss(model, ids, autocast: bool = True, n_digits: int = N_DIGITS):
-    """Mean cross-entropy of the chain-of-thought tokens (prompt tokens are context only)."""
+def cot_loss(model, ids, autocast: bool = True, n_digits: int = N_DIGITS, P: Optional[int] = None):
+    """Mean cross-entropy of the chain-of-thought tokens (prompt tokens, the first ``P``, are context only)."""
     import torch
     import torch.nn.functional as F
 
-    P = prompt_len(n_digits)
+    P = prompt_len(n_digits) if P is None else P
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         logits = model(input_ids=ids[:, :-1]).logits
     pred = logits[:, P - 1:].float()
@@ -419,7 +442,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = _echo, model=None) -> 
     rng = np.random.Generator(np.random.PCG64([cfg.seed, 0x7A1]))
     log = open(out / "log.jsonl", "w")
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else None
-    echo(f"[reasoner] {n_params / 1e6:.2f} M parameters, batch {cfg.batch} x {prompt_len(cfg.n_digits) + cot_len(cfg.n_digits)}"
+    spec = task_spec(cfg.task, cfg.n_digits)
+    echo(f"[reasoner] {cfg.task}: {n_params / 1e6:.2f} M parameters, batch {cfg.batch} x {spec.prompt_len + spec.cot_len}"
          f" tokens, {'%d steps' % cfg.steps if cfg.steps else '%.1f min' % cfg.minutes}, threads {torch.get_num_threads()}")
     t0 = time.perf_counter()
     step, tokens, first_loss, ema = 0, 0, None, None
@@ -450,8 +474,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = _echo, model=None) -> 
             if not thread_log or thread_log[-1][1] != n_thr:
                 thread_log.append((step, n_thr))
         ts = time.perf_counter()
-        ids = torch.from_numpy(make_batch(rng, cfg.batch, cfg.n_digits))
-        loss = cot_loss(model, ids, cfg.bf16, cfg.n_digits)
+        ids = torch.from_numpy(spec.make_batch(rng, cfg.batch))
+        loss = cot_loss(model, ids, cfg.bf16, P=spec.prompt_len)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -477,7 +501,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = _echo, model=None) -> 
             save(model, out / "hf")
             last_save = time.perf_counter()
         if cfg.eval_every and step % cfg.eval_every == 0:
-            m = evaluate(model, n=min(cfg.eval_n, 64), seed=cfg.seed + 1, n_digits=cfg.n_digits)
+            m = evaluate(model, n=min(cfg.eval_n, 64), seed=cfg.seed + 1, n_digits=cfg.n_digits, task=cfg.task)
             model.train()
             rec = {"step": step, "eval": m, "time_s": round(time.perf_counter() - t0, 2)}
             log.write(json.dumps(rec) + "\n")
@@ -494,7 +518,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = _echo, model=None) -> 
                "config": _jsonable(asdict(cfg))}
     if cfg.eval_n:
         te = time.perf_counter()
-        summary["eval"] = evaluate(model, n=cfg.eval_n, seed=1_000_000 + cfg.seed, n_digits=cfg.n_digits)
+        summary["eval"] = evaluate(model, n=cfg.eval_n, seed=1_000_000 + cfg.seed, n_digits=cfg.n_digits,
+                                   task=cfg.task)
         summary["eval"]["time_s"] = round(time.perf_counter() - te, 1)
         echo(f"[reasoner] held-out n={cfg.eval_n}: exact {summary['eval']['exact']:.3f} "
              f"token_acc {summary['eval']['token_acc']:.4f} loss {summary['eval']['loss']:.4f}")
@@ -571,7 +596,7 @@ def greedy_chains(model, prompts, n_new: int):
 
 
 def evaluate(model, n: int = 200, seed: int = 1_000_000, n_digits: int = N_DIGITS, batch: int = 100,
-             windows=None, sink: int = 4) -> dict:
+             windows=None, sink: int = 4, task: str = TASK) -> dict:
     """Held-out exact match, token accuracy (free-running greedy vs the reference, position by position) and
     teacher-forced chain-of-thought loss. ``windows`` ([layer][kv head], 0 = full) evaluates a head mask with the
     PyTorch reference attention (``toolchain.attention``), the same semantics as the runtime."""
@@ -584,8 +609,9 @@ def evaluate(model, n: int = 200, seed: int = 1_000_000, n_digits: int = N_DIGIT
         load_with_kvtool(model, windows, sink)
     try:
         rng = np.random.Generator(np.random.PCG64([int(seed), 0xE7A1]))
-        ids = torch.from_numpy(make_batch(rng, n, n_digits))
-        P, C = prompt_len(n_digits), cot_len(n_digits)
+        spec = task_spec(task, n_digits)
+        ids = torch.from_numpy(spec.make_batch(rng, n))
+        P, C = spec.prompt_len, spec.cot_len
         exact = tok = loss = 0.0
         for i in range(0, n, batch):
             x = ids[i:i + batch]
@@ -594,7 +620,7 @@ def evaluate(model, n: int = 200, seed: int = 1_000_000, n_digits: int = N_DIGIT
             exact += float(eq.all(1).sum())
             tok += float(eq.float().mean(1).sum())
             with torch.no_grad():
-                loss += float(cot_loss(model, x, False, n_digits)) * len(x)
+                loss += float(cot_loss(model, x, False, P=P)) * len(x)
     finally:
         if windows is not None:
             unload_kvtool(model)
@@ -602,7 +628,7 @@ def evaluate(model, n: int = 200, seed: int = 1_000_000, n_digits: int = N_DIGIT
 
 
 def head_sensitivity(model, sink: int = 4, window: int = 32, n: int = 64, seed: int = 3_000_000,
-                     n_digits: int = N_DIGITS) -> list[list[float]]:
+                     n_digits: int = N_DIGITS, task: str = TASK) -> list[list[float]]:
     """Teacher-forced chain-of-thought loss increase when one KV head alone is compressed (sink + window), for every
     head: an oracle ranking that needs labels (higher = more critical). It is the yardstick a learned gate (RLKV)
     should approach; ``heads.json`` scores read the same way (high = keep full)."""
@@ -614,9 +640,10 @@ def head_sensitivity(model, sink: int = 4, window: int = 32, n: int = 64, seed: 
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
     rng = np.random.Generator(np.random.PCG64([int(seed), 0x0AC1]))
-    ids = torch.from_numpy(make_batch(rng, n, n_digits))
+    spec = task_spec(task, n_digits)
+    ids = torch.from_numpy(spec.make_batch(rng, n))
     with torch.no_grad():
-        base = float(cot_loss(model, ids, False, n_digits))
+        base = float(cot_loss(model, ids, False, P=spec.prompt_len))
     out = [[0.0] * H for _ in range(L)]
     try:
         for layer in range(L):
@@ -625,7 +652,7 @@ def head_sensitivity(model, sink: int = 4, window: int = 32, n: int = 64, seed: 
                 w[layer][h] = window
                 load_with_kvtool(model, w, sink)
                 with torch.no_grad():
-                    out[layer][h] = float(cot_loss(model, ids, False, n_digits)) - base
+                    out[layer][h] = float(cot_loss(model, ids, False, P=spec.prompt_len)) - base
     finally:
         unload_kvtool(model)
     return out
@@ -648,12 +675,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t.add_argument("--eval-every", type=int, default=0)
     t.add_argument("--eval-n", type=int, default=200)
     t.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    t.add_argument("--task", default=TASK, help="long_addition (default) or cyclic_sum (short prompt, long chain)")
     e = sub.add_parser("eval", help="held-out exact match / token accuracy / loss of a saved HF dir")
     e.add_argument("hf_dir")
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--seed", type=int, default=1_000_000)
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--mask", default=None, help="heads.json: evaluate with this mask (PyTorch reference attention)")
+    e.add_argument("--task", default=TASK)
     tk = sub.add_parser("tokenizer", help="write the tokenizer files into a directory")
     tk.add_argument("out_dir")
     o = sub.add_parser("oracle", help="heads.json from per-head compression sensitivity (labelled oracle)")
@@ -664,6 +693,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     o.add_argument("--window", type=int, default=32)
     o.add_argument("--n", type=int, default=64)
     o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--task", default=TASK)
     tx = sub.add_parser("text", help="write N whole sequences back to back (a text for kvtool eval --ppl)")
     tx.add_argument("out_file")
     tx.add_argument("--n", type=int, default=100)
@@ -673,7 +703,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.minutes is None and a.steps is None:
             ap.error("give --minutes or --steps")
         cfg = TrainConfig(out_dir=a.out, minutes=a.minutes, steps=a.steps, seed=a.seed, threads=a.threads,
-                          batch=a.batch, lr=a.lr, eval_every=a.eval_every, eval_n=a.eval_n, bf16=not a.fp32)
+                          batch=a.batch, lr=a.lr, eval_every=a.eval_every, eval_n=a.eval_n, bf16=not a.fp32,
+                          task=a.task)
         s = train(cfg)
         print(json.dumps({k: v for k, v in s.items() if k != "config"}, indent=2))
     elif a.cmd == "eval":
@@ -688,7 +719,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             m = HeadsMask.load(a.mask)
             windows, sink = m.head_window(), m.sink
         t0 = time.perf_counter()
-        r = evaluate(model, n=a.n, seed=a.seed, windows=windows, sink=sink)
+        r = evaluate(model, n=a.n, seed=a.seed, windows=windows, sink=sink, task=a.task)
         r["time_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(r))
     elif a.cmd == "oracle":
@@ -698,7 +729,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         torch.set_num_threads(a.threads)
         model, _ = load_hf(a.hf_dir)
-        sc = head_sensitivity(model, a.sink, a.window, a.n)
+        sc = head_sensitivity(model, a.sink, a.window, a.n, task=a.task)
         # heads.json has no "oracle" method: "manual" scores, with the provenance in extra
         m = HeadsMask.from_scores(sc, a.sparsity, "manual", sink=a.sink, window=a.window)
         m.extra = {"source": "toolchain.train.reasoner oracle: teacher-forced CoT loss increase when the head alone "
@@ -713,5 +744,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+# the long-chain task registers itself (task, metrics, spec); it needs the names above, so it is imported last
+from . import cyclic_sum  # noqa: E402,F401
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the package's copy of this module: the registries above (TASK_SPECS) are filled in there, not in __main__
+    from toolchain.train.reasoner import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,125 @@
+"""The CPU reasoner's long-chain task: a running sum over a short list of digits, cycled many times.
+
+Why a second task: beacons evict generated tokens only, never the prompt, so the peak-KV saving is bounded by
+(prompt + chain) / (prompt + chain / c + c). ``long_addition`` has a 77-token prompt behind a 201-token chain, which
+caps beacons at c=16 near 2.6x. Here the prompt is 14 tokens and the chain 513, so c=16 can reach 8.5x::
+
+    prompt (14 tokens)   ^A3B7C1D9E0F5=
+    chain (513 tokens)   A3+00=03B7+03=10C1+10=11D9+11=20E0+20=20F5+20=25A3+25=28...$
+
+Step ``k`` (``R = 64`` steps of 8 tokens) reads the digit labelled ``L = "ABCDEF"[k % 6]`` from the prompt, adds it to
+the running sum ``s`` (two digits, mod 100, starting at 00) and writes ``L d + s1 s0 = n1 n0``. What a step needs is the
+prompt digit (a look-up by label, up to 500 tokens back) and the previous step's result (local). With c=16 each chunk
+holds exactly two steps, so a beacon must carry the last label and the two-digit sum across the eviction.
+
+Same alphabet, tokenizer and model as :mod:`toolchain.train.reasoner` (one vocabulary, so one tokenizer file set);
+``python -m toolchain.train.reasoner train --task cyclic_sum`` trains it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..tasks import Problem, register_task
+from .reasoner import BOS, EOS, LABELS, STOI, TASK_SPECS, TaskSpec, _normalize, token_accuracy
+
+TASK = "cyclic_sum"
+N_DIGITS = 6   # prompt digits, labelled A..F
+N_STEPS = 64   # chain steps
+STEP_LEN = 8
+
+_DIGIT0, _LABEL0, _PLUS, _EQ = STOI["0"], STOI["A"], STOI["+"], STOI["="]
+
+
+def prompt_len(n: int = N_DIGITS) -> int:
+    return 1 + 2 * n + 1
+
+
+def cot_len(steps: int = N_STEPS) -> int:
+    return STEP_LEN * steps + 1
+
+
+PROMPT_LEN = prompt_len()  # 14
+COT_LEN = cot_len()        # 513
+
+
+def _texts(d: Sequence[int], steps: int = N_STEPS) -> tuple[str, str]:
+    """Digits -> (question without ``^``, chain without ``$``)."""
+    n = len(d)
+    if not 1 <= n <= len(LABELS):
+        raise ValueError(f"1 to {len(LABELS)} digits (one label letter each), got {n}")
+    q = "".join(f"{LABELS[i]}{d[i]}" for i in range(n)) + "="
+    out, s = [], 0
+    for k in range(steps):
+        i = k % n
+        t = (s + d[i]) % 100
+        out.append(f"{LABELS[i]}{d[i]}+{s:02d}={t:02d}")
+        s = t
+    return q, "".join(out)
+
+
+def make_example(rng: np.random.Generator, n: int = N_DIGITS, steps: int = N_STEPS) -> dict:
+    d = rng.integers(0, 10, n).tolist()
+    q, ans = _texts(d, steps)
+    return {"question": q, "answer": ans, "digits": d}
+
+
+def make_batch(rng: np.random.Generator, batch: int, n: int = N_DIGITS, steps: int = N_STEPS) -> np.ndarray:
+    """``[batch, prompt_len + cot_len]`` int64 ids of fresh problems, ``^`` first and ``$`` last (vectorised)."""
+    d = rng.integers(0, 10, (batch, n))
+    P = prompt_len(n)
+    out = np.empty((batch, P + cot_len(steps)), dtype=np.int64)
+    out[:, 0] = BOS
+    lab = _LABEL0 + np.arange(n)
+    out[:, 1:1 + 2 * n:2] = lab
+    out[:, 2:2 + 2 * n:2] = _DIGIT0 + d
+    out[:, P - 1] = _EQ
+    s = np.zeros(batch, dtype=np.int64)
+    for k in range(steps):
+        i = k % n
+        t = (s + d[:, i]) % 100
+        base = P + STEP_LEN * k
+        out[:, base] = lab[i]
+        out[:, base + 1] = _DIGIT0 + d[:, i]
+        out[:, base + 2] = _PLUS
+        out[:, base + 3] = _DIGIT0 + s // 10
+        out[:, base + 4] = _DIGIT0 + s % 10
+        out[:, base + 5] = _EQ
+        out[:, base + 6] = _DIGIT0 + t // 10
+        out[:, base + 7] = _DIGIT0 + t % 10
+        s = t
+    out[:, -1] = EOS
+    return out
+
+
+def score_completion(completion, entry: dict) -> float:
+    """1.0 iff the whole chain is exactly right (beacons and a trailing ``$`` ignored)."""
+    if completion is None:
+        return 0.0
+    return 1.0 if _normalize(completion) == entry["answer"] else 0.0
+
+
+def make_problems(n: int, seed: int) -> list[Problem]:
+    """``n`` problems, deterministic in ``seed``; the prompt is the question verbatim (the runtime adds ``^``)."""
+    rng = np.random.Generator(np.random.PCG64([int(seed), 0xC5C5]))
+    out = []
+    for i in range(n):
+        e = make_example(rng)
+        out.append(Problem(TASK, i, e["question"], e["answer"], e, score_completion, prompt=e["question"],
+                           extract=False))
+    return out
+
+
+def _metrics(problem: Problem, completion: str) -> dict:
+    return {"token_acc": token_accuracy(completion, problem.answer)}
+
+
+register_task(TASK, make_problems)
+TASK_SPECS[TASK] = TaskSpec(PROMPT_LEN, COT_LEN, lambda rng, batch: make_batch(rng, batch))
+try:
+    from ..eval import register_metrics
+
+    register_metrics(TASK, _metrics)
+except ImportError:  # pragma: no cover - eval.py is part of the package
+    pass
