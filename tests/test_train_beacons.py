@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from toolchain.attention import BeaconSegments, insert_beacons, reference_logits  # noqa: E402
+from toolchain.attention import BeaconSegments, get_kvtool, insert_beacons, reference_logits  # noqa: E402
 from toolchain.errors import KvtoolError  # noqa: E402
 from toolchain.tasks import Problem, register_task  # noqa: E402
 from toolchain.train import beacons as tb  # noqa: E402
@@ -130,6 +130,41 @@ def test_compressed_sampling_matches_full_forward(tiny_dir, tmp_path):
     ref_rows = ref[rows].clone()
     ref_rows[:, s.beacon_id] = tb.NEG
     torch.testing.assert_close(ref_rows, inc[0], atol=1e-4, rtol=0)
+
+
+def test_mask_trains_under_per_head_windows(tiny_dir, tmp_path):
+    """--mask: the student's forward is the AND of the beacon rule and the heads.json windows (attention.py's oracle),
+    the teacher stays full (LoRA: same module, windows switched off inside the teacher context)."""
+    from toolchain.heads import HeadsMask
+
+    mpath = tmp_path / "heads.json"
+    HeadsMask.from_scores([[1.0, 0.0], [0.0, 1.0]], 0.5, "manual", sink=1, window=3).save(mpath)
+    s = _setup(tiny_dir, _cfg(tiny_dir, tmp_path, mask=str(mpath)))
+    windows = [[0, 3], [3, 0]]
+    tok = s.tok
+    prompts, comps = [tok("3+1=?")["input_ids"]], [[40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+    sb = tb.student_batch(prompts, comps, C, s.beacon_id, tok.pad_token_id)
+    with torch.no_grad():
+        got = tb.student_logits(s, sb)[0]
+    ids, seg = insert_beacons(prompts[0], comps[0], C, s.beacon_id)
+    ids, seg = ids[:-1], BeaconSegments(seg.chunk[:-1], seg.is_beacon[:-1])
+    rows = sb.rows[0]
+    want = reference_logits(s.model, ids, windows, 1, segments=seg)[rows]
+    plain = reference_logits(s.model, ids, 0, 0, segments=seg)[rows]
+    want[:, s.beacon_id] = plain[:, s.beacon_id] = tb.NEG
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (got - plain).abs().max() > 1e-3  # the windows bite on this sequence
+    orig, _ = load_model(str(tiny_dir))
+    t = tb.teacher_logits(s, prompts, comps)[0]
+    with torch.no_grad():
+        full = orig(input_ids=torch.tensor([prompts[0] + comps[0]])).logits[0, len(prompts[0]) - 1:-1]
+    torch.testing.assert_close(t[:, :98], full, atol=1e-5, rtol=0)
+    assert get_kvtool(s.base).windows.tolist() == windows  # restored after the teacher context
+    with pytest.raises(KvtoolError, match="--mask with --rl-weight"):
+        _cfg(tiny_dir, tmp_path, mask=str(mpath), rl_weight=1.0)
+    HeadsMask.from_scores([[1.0, 0.0, 1.0]], 0.5, "manual").save(tmp_path / "bad.json")
+    with pytest.raises(KvtoolError, match="1 layers x 3 KV heads, the model has 2 x 2"):
+        _setup(tiny_dir, _cfg(tiny_dir, tmp_path, mask=str(tmp_path / "bad.json")))
 
 
 def test_student_batch_layout():

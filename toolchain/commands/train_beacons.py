@@ -45,6 +45,8 @@ def _require_extras(full: bool) -> None:
 @click.option("--lora-alpha", type=int, default=32, show_default=True)
 @click.option("--reuse-token", type=int, default=None,
               help="Use this existing token id as the beacon instead of adding <|beacon|> (the token is repurposed).")
+@click.option("--mask", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="heads.json: train under its per-head windows, for a file converted with the same --mask.")
 @click.option("--distill-on", type=click.Choice(["all", "correct"]), default="all", show_default=True,
               help="Distil on every teacher rollout, or only on those the verifier accepts.")
 @click.option("--rl-weight", type=float, default=0.0, show_default=True,
@@ -64,8 +66,8 @@ def _require_extras(full: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def beacons_cmd(model, tasks, interval, steps, batch, group, max_new_tokens, temperature, lr, beacon_lr, weight_decay,
-                lr_schedule, warmup, full, lora_r, lora_alpha, reuse_token, distill_on, rl_weight, rl_group, micro_batch,
-                pool, device, dtype, out_dir, output, save_every, resume, seed, quiet):
+                lr_schedule, warmup, full, lora_r, lora_alpha, reuse_token, mask, distill_on, rl_weight, rl_group,
+                micro_batch, pool, device, dtype, out_dir, output, save_every, resume, seed, quiet):
     """Train beacon compression (distillation from the beacon-free model, optional GRPO) and write an HF checkpoint
     with the beacon token and kvtool.json; then `kvtool convert CKPT_DIR -o m.gguf`.
 
@@ -81,8 +83,8 @@ def beacons_cmd(model, tasks, interval, steps, batch, group, max_new_tokens, tem
     cfg = BeaconTrainConfig(model=model, tasks=tuple(tasks), interval=interval, steps=steps, batch=batch, group=group,
                             max_new_tokens=max_new_tokens, temperature=temperature, lr=lr, beacon_lr=beacon_lr,
                             weight_decay=weight_decay, lr_schedule=lr_schedule, warmup=warmup, full=full,
-                            lora_r=lora_r, lora_alpha=lora_alpha,
-                            reuse_token=reuse_token, distill_on=distill_on, rl_weight=rl_weight, rl_group=rl_group,
+                            lora_r=lora_r, lora_alpha=lora_alpha, reuse_token=reuse_token, mask=mask,
+                            distill_on=distill_on, rl_weight=rl_weight, rl_group=rl_group,
                             micro_batch=micro_batch, pool=pool, device=device, dtype=dtype, out_dir=out_dir,
                             output=output, save_every=save_every, seed=seed, resume=resume)
     run_train(cfg, progress=not quiet)

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..attention import beacon_layout, load_with_kvtool, unload_kvtool, use_segments
+from ..attention import beacon_layout, get_kvtool, load_with_kvtool, unload_kvtool, use_segments
 from ..errors import KvtoolError
 from ..heads import write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
@@ -87,6 +87,7 @@ class BeaconTrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     reuse_token: Optional[int] = None
+    mask: Optional[str] = None  # heads.json: train under its per-head windows (the mixed cache the file will run with)
     distill_on: str = "all"  # all | correct
     rl_weight: float = 0.0  # GRPO term on the student's compressed rollouts (0: off)
     rl_group: int = 4
@@ -118,6 +119,9 @@ class BeaconTrainConfig:
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise KvtoolError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if self.mask is not None and self.rl_weight > 0:
+            raise KvtoolError("--mask with --rl-weight is not supported: the compressed sampler of the GRPO term has no "
+                              "per-head windows (distil under the mask, or drop --mask for the RL phase)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise KvtoolError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.warmup < 0:
@@ -221,17 +225,41 @@ class Setup:
         """The model without beacons: the frozen copy, or the LoRA model with its adapter disabled."""
         if self.teacher_copy is not None:
             yield self.teacher_copy
-        elif hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
+            return
+        state = get_kvtool(self.base)
+        saved = None
+        if state is not None and bool(state.windows.any()):  # --mask: the teacher keeps every head full
+            saved = state.windows.clone()
+            state.windows.zero_()
+        try:
+            if hasattr(self.model, "disable_adapter"):
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
                 yield self.model
-        else:
-            yield self.model
+        finally:
+            if saved is not None:
+                state.windows.copy_(saved)
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.beacon.row] + [p for _, p in self.trainable()]
+
+
+def mask_windows(path: str, model) -> tuple[list[list[int]], int]:
+    """Per-head windows ([layer][kv head], 0 = full) and sink of a heads.json, checked against the model's shape."""
+    from ..heads import HeadsMask
+
+    m = HeadsMask.load(path)
+    cfg = model.config
+    n_layer, n_kv = int(cfg.num_hidden_layers), int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
+    if (m.n_layer, m.n_head_kv) != (n_layer, n_kv):
+        raise KvtoolError(f"--mask {path} is for {m.n_layer} layers x {m.n_head_kv} KV heads, the model has "
+                          f"{n_layer} x {n_kv}")
+    flat = m.head_window()
+    return [flat[i * n_kv:(i + 1) * n_kv] for i in range(n_layer)], int(m.sink)
 
 
 def prepare(model, tok, cfg: BeaconTrainConfig) -> Setup:
@@ -245,7 +273,8 @@ def prepare(model, tok, cfg: BeaconTrainConfig) -> Setup:
             p.requires_grad_(False)
     beacon_id = add_beacon_token(model, tok, cfg.reuse_token)
     backend = cfg.attn_backend if cfg.attn_backend != "auto" else ("sdpa" if device.type == "cuda" else "reference")
-    load_with_kvtool(model, 0, 0, backend=backend)
+    windows, sink = mask_windows(cfg.mask, model) if cfg.mask else (0, 0)
+    load_with_kvtool(model, windows, sink, backend=backend)
     beacon = BeaconEmbedding(model, beacon_id)
     if cfg.full:
         for p in model.parameters():
@@ -656,7 +685,8 @@ def export_checkpoint(setup: Setup, out: Path, cfg: BeaconTrainConfig, extra: Op
             "beacon": {"token": setup.tok.convert_ids_to_tokens(setup.beacon_id), "token_id": setup.beacon_id,
                        "interval": setup.interval, "reused": cfg.reuse_token is not None},
             "training": {"base_model": str(cfg.model), "tasks": list(cfg.tasks), "full": cfg.full,
-                         "lora_r": None if cfg.full else cfg.lora_r, "rl_weight": cfg.rl_weight, **(extra or {})}}
+                         "lora_r": None if cfg.full else cfg.lora_r, "rl_weight": cfg.rl_weight,
+                         "mask": cfg.mask, **(extra or {})}}
     write_atomic(out / KVTOOL_JSON, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return out
 
