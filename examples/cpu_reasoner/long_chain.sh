@@ -29,7 +29,10 @@ G=$("$PY" -c 'from toolchain.train.cyclic_sum import COT_LEN; print(COT_LEN)')
 # 1. the reasoner, trained from scratch on the task
 [ -f "$OUT/train.json" ] || nice -n 19 "$PY" -m toolchain.train.reasoner train --task "$TASK" --out "$OUT" \
     --minutes "$MINUTES" --threads "$THREADS" --eval-every 300 --eval-n 64
-[ -f "$BASE" ] || kv convert "$HF" --outtype f32 -o "$BASE"
+if [ ! -f "$BASE" ]; then  # all heads full: a sparsity-0 mask (budgets written, nothing compressed)
+    kv heads random --model "$HF" -s 0 --seed 0 --sink 4 --window 32 -o "$OUT/masks/full.json"
+    kv convert "$HF" --mask "$OUT/masks/full.json" --outtype f32 -o "$BASE"
+fi
 
 # 2. beacons per interval ('#', id 3, is the vocabulary's reserved beacon character: never in the data, so reused),
 #    then the equal-memory baselines: the beacon loop peaks at prompt + ceil(G / c) beacons + one open chunk
@@ -39,7 +42,7 @@ for c in $INTERVALS; do
     if [ ! -f "$ck/kvtool.json" ]; then
         OMP_NUM_THREADS=$THREADS nice -n 19 "${KV[@]}" train beacons --model "$HF" --task "$TASK" --interval "$c" \
             --steps "$BEACON_STEPS" --batch 8 --group 1 --max-new-tokens $((G + 8)) --full --lr "$BEACON_LR" \
-            --reuse-token 3 --out-dir "$OUT/beacons/c$c" --resume -q
+            --lr-schedule cosine --warmup 20 --pool 8192 --reuse-token 3 --out-dir "$OUT/beacons/c$c" --resume -q
     fi
     g="$OUT/gguf/beacons-c$c.gguf"
     [ -f "$g" ] || kv convert "$ck" --outtype f32 -o "$g"

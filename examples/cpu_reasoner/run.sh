@@ -126,6 +126,17 @@ if [ "$BEACONS" = 1 ]; then
             BMODELS+=("$g")
         done
     done
+    # beacons together with the mixed per-head cache: c = 8 distilled under the RLKV s = 0.5 mask (--mask), converted
+    # with the same mask, so the file runs exactly the rule it was trained under
+    if [ "$RLKV" = 1 ]; then
+        R="$OUT/masks/rlkv-$RLKV_STEPS.json"; ck="$OUT/beacons/c8mask/model"
+        [ -f "$ck/kvtool.json" ] || OMP_NUM_THREADS=${BEACON_THREADS:-1} nice -n 19 "${KV[@]}" train beacons \
+            --model "$HF" --task long_addition --interval 8 --steps "$BEACON_STEPS" --batch 8 --group 1 \
+            --max-new-tokens 210 --full --lr 3e-4 --reuse-token 3 --mask "$R" --out-dir "$OUT/beacons/c8mask" -q
+        g="$OUT/gguf/beacons-c8-rlkv$RLKV_STEPS-s0.5.gguf"
+        [ -f "$g" ] || kv convert "$ck" --mask "$R" --sparsity 0.5 --outtype f32 -o "$g"
+        BMODELS+=("$g")
+    fi
     kv_eval "${BMODELS[@]}" --task long_addition --n "$N" --seed 0 --max-tokens 210 --ubatch 64 \
         --threads "$THREADS" --out "$OUT/eval_beacons.json" --plot "$OUT/pareto_beacons.png"
 fi
