@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..attention import beacon_layout, get_kvtool, load_with_kvtool, unload_kvtool, use_segments
+from ..attention import _model_dims, beacon_layout, get_kvtool, load_with_kvtool, unload_kvtool, use_segments
 from ..errors import KvtoolError
 from ..heads import write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
@@ -253,8 +253,7 @@ def mask_windows(path: str, model) -> tuple[list[list[int]], int]:
     from ..heads import HeadsMask
 
     m = HeadsMask.load(path)
-    cfg = model.config
-    n_layer, n_kv = int(cfg.num_hidden_layers), int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
+    n_layer, n_kv = _model_dims(model)
     if (m.n_layer, m.n_head_kv) != (n_layer, n_kv):
         raise KvtoolError(f"--mask {path} is for {m.n_layer} layers x {m.n_head_kv} KV heads, the model has "
                           f"{n_layer} x {n_kv}")
@@ -488,12 +487,17 @@ def teacher_logits(setup: Setup, prompts: Sequence[Sequence[int]], comps: Sequen
     return _banned(res, setup.beacon_id)
 
 
-def token_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over masked positions of KL(teacher ‖ student) = Σ_v p_t (log p_t − log p_s), both softmaxed over the
-    (beacon-banned) vocabulary."""
+def per_token_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) = Σ_v p_t (log p_t − log p_s) at every position, both softmaxed over the (beacon-banned)
+    vocabulary: ``[..., V] -> [...]``."""
     lt = torch.log_softmax(t_logits.float(), -1)
     ls = torch.log_softmax(s_logits.float(), -1)
-    kl = (lt.exp() * (lt - ls)).sum(-1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+def token_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over masked positions of :func:`per_token_kl`."""
+    kl = per_token_kl(t_logits, s_logits)
     return torch.where(mask, kl, torch.zeros_like(kl)).sum()
 
 

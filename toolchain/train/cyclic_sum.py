@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ..tasks import Problem, register_task
-from .reasoner import BOS, EOS, LABELS, STOI, TASK_SPECS, TaskSpec, _normalize, token_accuracy
+from .reasoner import BOS, EOS, LABELS, STOI, TASK_SPECS, TaskSpec, register_reasoner_metrics, score_completion
 
 TASK = "cyclic_sum"
 N_DIGITS = 6   # prompt digits, labelled A..F
@@ -93,13 +93,6 @@ def make_batch(rng: np.random.Generator, batch: int, n: int = N_DIGITS, steps: i
     return out
 
 
-def score_completion(completion, entry: dict) -> float:
-    """1.0 iff the whole chain is exactly right (beacons and a trailing ``$`` ignored)."""
-    if completion is None:
-        return 0.0
-    return 1.0 if _normalize(completion) == entry["answer"] else 0.0
-
-
 def make_problems(n: int, seed: int) -> list[Problem]:
     """``n`` problems, deterministic in ``seed``; the prompt is the question verbatim (the runtime adds ``^``)."""
     rng = np.random.Generator(np.random.PCG64([int(seed), 0xC5C5]))
@@ -111,15 +104,6 @@ def make_problems(n: int, seed: int) -> list[Problem]:
     return out
 
 
-def _metrics(problem: Problem, completion: str) -> dict:
-    return {"token_acc": token_accuracy(completion, problem.answer)}
-
-
 register_task(TASK, make_problems)
+register_reasoner_metrics(TASK)
 TASK_SPECS[TASK] = TaskSpec(PROMPT_LEN, COT_LEN, lambda rng, batch: make_batch(rng, batch))
-try:
-    from ..eval import register_metrics
-
-    register_metrics(TASK, _metrics)
-except ImportError:  # pragma: no cover - eval.py is part of the package
-    pass

@@ -153,7 +153,7 @@ def _normalize(completion: str) -> str:
 
 
 def score_completion(completion: Optional[str], entry: dict) -> float:
-    """1.0 iff the whole chain of thought is exactly right (the scorer of the ``long_addition`` task)."""
+    """1.0 iff the whole chain of thought is exactly right (the scorer of both reasoner tasks)."""
     if completion is None:
         return 0.0
     return 1.0 if _normalize(completion) == entry["answer"] else 0.0
@@ -214,15 +214,16 @@ def _metrics(problem: Problem, completion: str) -> dict:
 register_task(TASK, make_problems)
 
 
-def _register_metrics() -> None:
+def register_reasoner_metrics(task: str) -> None:
+    """Token accuracy as an extra ``kvtool eval`` metric of ``task`` (the reasoner's tasks share it)."""
     try:
         from ..eval import register_metrics
     except ImportError:  # pragma: no cover - eval.py is part of the package
         return
-    register_metrics(TASK, _metrics)
+    register_metrics(task, _metrics)
 
 
-_register_metrics()
+register_reasoner_metrics(TASK)
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------------------
