@@ -5,6 +5,7 @@ term is driven by a fake verifier; the distillation pieces are checked against i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -16,7 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from toolchain.attention import BeaconSegments, get_kvtool, insert_beacons, reference_logits  # noqa: E402
+from toolchain.attention import (BeaconSegments, get_kvtool, insert_beacons, reference_logits,  # noqa: E402
+                                 use_slot_positions)
 from toolchain.errors import KvtoolError  # noqa: E402
 from toolchain.tasks import Problem, register_task  # noqa: E402
 from toolchain.train import beacons as tb  # noqa: E402
@@ -160,11 +162,59 @@ def test_mask_trains_under_per_head_windows(tiny_dir, tmp_path):
         full = orig(input_ids=torch.tensor([prompts[0] + comps[0]])).logits[0, len(prompts[0]) - 1:-1]
     torch.testing.assert_close(t[:, :98], full, atol=1e-5, rtol=0)
     assert get_kvtool(s.base).windows.tolist() == windows  # restored after the teacher context
-    with pytest.raises(KvtoolError, match="--mask with --rl-weight"):
-        _cfg(tiny_dir, tmp_path, mask=str(mpath), rl_weight=1.0)
     HeadsMask.from_scores([[1.0, 0.0, 1.0]], 0.5, "manual").save(tmp_path / "bad.json")
     with pytest.raises(KvtoolError, match="1 layers x 3 KV heads, the model has 2 x 2"):
         _setup(tiny_dir, _cfg(tiny_dir, tmp_path, mask=str(tmp_path / "bad.json")))
+
+
+def _window_mask(tmp_path):
+    from toolchain.heads import HeadsMask
+
+    mpath = tmp_path / "heads.json"
+    HeadsMask.from_scores([[1.0, 0.0], [0.0, 1.0]], 0.5, "manual", sink=1, window=3).save(mpath)
+    return str(mpath)
+
+
+def test_compressed_sampling_under_mask_counts_positions(tiny_dir, tmp_path, monkeypatch):
+    """--mask with the compressed loop (GRPO rollouts): after an eviction the windows must measure sequence positions
+    (llama.cpp keeps each cell's pos), so the incremental logits equal the full forward under beacon rule AND windows.
+    Without the slot positions (windows counted over surviving slots) they do not: the test can tell."""
+    s = _setup(tiny_dir, _cfg(tiny_dir, tmp_path, mask=_window_mask(tmp_path)))
+    tok = s.tok
+    prompts = [tok("3+1=?")["input_ids"], tok("12+1=?")["input_ids"]]
+
+    def run():
+        rec: list = []
+        comps = tb.sample(s.model, prompts, 19, 0.0, s.beacon_id, [10 ** 6], tok.pad_token_id, interval=C, record=rec)
+        sb = tb.student_batch(prompts, comps, C, s.beacon_id, tok.pad_token_id)
+        with torch.no_grad():
+            return tb.student_logits(s, sb), torch.stack(rec, 1)
+
+    full, inc = run()
+    torch.testing.assert_close(full, inc, atol=1e-4, rtol=0)
+    with use_slot_positions(s.model, torch.arange(3)[None]), pytest.raises(ValueError, match="cover 3 cache slots"):
+        s.model(input_ids=torch.tensor([prompts[0]]))
+    monkeypatch.setattr(tb, "use_slot_positions", lambda model, pos: contextlib.nullcontext())
+    full2, inc2 = run()
+    assert (full2 - inc2).abs().max() > 1e-3
+
+
+def test_grpo_under_mask(tiny_dir, tmp_path):
+    """--mask and --rl-weight together: the GRPO log-probs are those the masked compressed loop sampled from."""
+    cfg = _cfg(tiny_dir, tmp_path, mask=_window_mask(tmp_path), rl_weight=1.0, rl_group=4)
+    s = _setup(tiny_dir, cfg)
+    prompts = [s.tok("5+1=?")["input_ids"]] * 2
+    torch.manual_seed(3)
+    rec: list = []
+    comps = tb.sample(s.model, prompts, 15, 0.7, s.beacon_id, [2], s.tok.pad_token_id, interval=C, record=rec)
+    lp, _ = tb.student_logprobs(s, prompts, comps, 0.7)
+    inc = torch.log_softmax(torch.stack(rec, 1) / 0.7, -1)
+    for i, c in enumerate(comps):
+        torch.testing.assert_close(lp[i, :len(c)], inc[i, torch.arange(len(c)), torch.tensor(c)], atol=1e-4, rtol=0)
+    opt = tb.make_optimizer(s, cfg)
+    torch.manual_seed(1)
+    st = tb.beacon_step(s, opt, _toy(2, 0), cfg, reward_fn=hash_reward)
+    assert 0.0 < st["student_reward"] < 1.0 and st["rl_loss"] != 0.0 and np.isfinite(st["grad_norm"])
 
 
 def test_student_batch_layout():

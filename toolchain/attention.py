@@ -41,6 +41,7 @@ __all__ = [
     "clamp_gates_",
     "clear_gates",
     "freeze_all_but_gates",
+    "find_kvtool",
     "get_kvtool",
     "insert_beacons",
     "load_with_kvtool",
@@ -50,6 +51,7 @@ __all__ = [
     "set_gates",
     "unload_kvtool",
     "use_segments",
+    "use_slot_positions",
     "visibility_mask",
 ]
 
@@ -266,6 +268,7 @@ class KVToolState(nn.Module):
         self.backend = backend
         self.gates: Optional[nn.Parameter] = None
         self.segments: Optional[BeaconSegments] = None
+        self.slot_positions: Optional[torch.Tensor] = None  # [B, n_slots] for cached decoding with evicted slots
 
     @property
     def n_layer(self) -> int:
@@ -341,7 +344,13 @@ def _attention_fn(
     Tq, Tk = query.shape[-2], key.shape[-2]
     B = query.shape[0]
     positions = getattr(attention_mask, _POS_ATTR, None) if attention_mask is not None else None
-    if positions is not None:
+    slot_pos = None if state is None else state.slot_positions
+    if slot_pos is not None:  # a cache with holes: the caller knows each slot's sequence position
+        if slot_pos.shape[-1] != Tk:
+            raise ValueError(f"slot positions cover {slot_pos.shape[-1]} cache slots, the layer has {Tk}")
+        k_pos = slot_pos.to(query.device).expand(B, Tk)
+        q_pos = k_pos[:, Tk - Tq:]
+    elif positions is not None:
         q_pos, k_pos = positions
         k_pos = k_pos[:, :Tk]
     else:  # a caller-built 4D mask or none: slot indices are the positions
@@ -516,6 +525,30 @@ def use_segments(model: nn.Module, segments: Optional[BeaconSegments]) -> Iterat
         yield
     finally:
         state.segments = old
+
+
+@contextlib.contextmanager
+def use_slot_positions(model: nn.Module, positions: Optional[torch.Tensor]) -> Iterator[None]:
+    """Give the sequence position of every KV-cache slot (``[B, n_slots]``, the new tokens' slots last) to the
+    forwards inside the block. Needed for cached decoding after slots were cut out of the cache (beacon eviction):
+    positions derived from the 2D attention mask would count the survivors only, so the per-head windows would measure
+    distance in slots instead of in positions, unlike the runtime (llama.cpp keeps each cell's ``pos``)."""
+    state = find_kvtool(model)
+    if state is None:
+        raise ValueError("load_with_kvtool(model, ...) first")
+    old, state.slot_positions = state.slot_positions, positions
+    try:
+        yield
+    finally:
+        state.slot_positions = old
+
+
+def find_kvtool(model: nn.Module) -> Optional[KVToolState]:
+    """The state on ``model`` or on its attention layers (a peft wrapper does not forward ``.kvtool``)."""
+    st = get_kvtool(model)
+    if st is None:
+        st = next((m.__dict__[_STATE_ATTR] for m in _attention_modules(model) if _STATE_ATTR in m.__dict__), None)
+    return st
 
 
 def reference_logits(

@@ -22,8 +22,9 @@ cache (ARCHITECTURE §5). A model has to learn to write what it will still need 
 Student rollouts in compressed mode use an incremental loop with a transformers ``DynamicCache`` and manual eviction
 (:func:`sample`): the beacon is fed right after the c-th chunk token, then the chunk's slots are cut out of every
 layer's keys/values and out of the 2D attention mask. RoPE positions are passed explicitly, so they keep the holes
-exactly like the runtime. Its logits match a full-sequence forward with the beacon mask (tested). The loop assumes
-full heads (window 0): per-head windows during beacon training are not supported here (the runtime combines them).
+exactly like the runtime, and each slot's position is handed to the attention (``use_slot_positions``) so that
+per-head windows (``mask``) count positions, not surviving slots, as llama.cpp does. Its logits match a full-sequence
+forward with the beacon mask, with and without per-head windows (tested).
 
 Outputs under ``out_dir``: ``ckpt/step_N.pt`` (trainable tensors + beacon row + optimiser + RNG + config, so
 ``resume=True`` continues bit for bit), ``log.jsonl`` and, at the end, the HF checkpoint (``out_dir/model`` or
@@ -47,7 +48,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..attention import _model_dims, beacon_layout, get_kvtool, load_with_kvtool, unload_kvtool, use_segments
+from ..attention import (_model_dims, beacon_layout, find_kvtool, get_kvtool, load_with_kvtool, unload_kvtool,
+                         use_segments, use_slot_positions)
 from ..errors import KvtoolError
 from ..heads import write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
@@ -119,9 +121,6 @@ class BeaconTrainConfig:
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise KvtoolError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        if self.mask is not None and self.rl_weight > 0:
-            raise KvtoolError("--mask with --rl-weight is not supported: the compressed sampler of the GRPO term has no "
-                              "per-head windows (distil under the mask, or drop --mask for the RL phase)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise KvtoolError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.warmup < 0:
@@ -335,7 +334,12 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
     ids, attn = ids.to(device), attn.to(device)
     B, P = ids.shape
     pos = _positions(attn)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    # Each cache slot's sequence position, kept through evictions so per-head windows (--mask) measure positions.
+    slot_pos = pos.clone()
+    track = find_kvtool(model) is not None
+    slots = (lambda: use_slot_positions(model, slot_pos)) if track else contextlib.nullcontext
+    with slots():
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     logits = out.logits[:, -1]
     next_pos = pos[:, -1] + 1
@@ -366,13 +370,16 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
         k = feed.shape[1]
         attn = torch.cat([attn, torch.ones(B, k, dtype=attn.dtype, device=device)], 1)
         p = next_pos[:, None] + torch.arange(k, device=device)[None]
-        out = model(input_ids=feed, attention_mask=attn, position_ids=p, past_key_values=cache, use_cache=True)
+        slot_pos = torch.cat([slot_pos, p], 1)
+        with slots():
+            out = model(input_ids=feed, attention_mask=attn, position_ids=p, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits = out.logits[:, -1]
         next_pos = next_pos + k
         if full_chunk:
             _evict(cache, slot_start, slot_start + interval)
             attn = torch.cat([attn[:, :slot_start], attn[:, slot_start + interval:]], 1)
+            slot_pos = torch.cat([slot_pos[:, :slot_start], slot_pos[:, slot_start + interval:]], 1)
             slot_start, in_chunk = slot_start + 1, 0
         else:
             in_chunk += 1
