@@ -199,24 +199,6 @@ def test_compressed_sampling_under_mask_counts_positions(tiny_dir, tmp_path, mon
     assert (full2 - inc2).abs().max() > 1e-3
 
 
-def test_grpo_under_mask(tiny_dir, tmp_path):
-    """--mask and --rl-weight together: the GRPO log-probs are those the masked compressed loop sampled from."""
-    cfg = _cfg(tiny_dir, tmp_path, mask=_window_mask(tmp_path), rl_weight=1.0, rl_group=4)
-    s = _setup(tiny_dir, cfg)
-    prompts = [s.tok("5+1=?")["input_ids"]] * 2
-    torch.manual_seed(3)
-    rec: list = []
-    comps = tb.sample(s.model, prompts, 15, 0.7, s.beacon_id, [2], s.tok.pad_token_id, interval=C, record=rec)
-    lp, _ = tb.student_logprobs(s, prompts, comps, 0.7)
-    inc = torch.log_softmax(torch.stack(rec, 1) / 0.7, -1)
-    for i, c in enumerate(comps):
-        torch.testing.assert_close(lp[i, :len(c)], inc[i, torch.arange(len(c)), torch.tensor(c)], atol=1e-4, rtol=0)
-    opt = tb.make_optimizer(s, cfg)
-    torch.manual_seed(1)
-    st = tb.beacon_step(s, opt, _toy(2, 0), cfg, reward_fn=hash_reward)
-    assert 0.0 < st["student_reward"] < 1.0 and st["rl_loss"] != 0.0 and np.isfinite(st["grad_norm"])
-
-
 def test_student_batch_layout():
     sb = tb.student_batch([[1, 2, 3], [1]], [[5, 6, 7, 8, 9], [5, 6, 7, 8]], 2, 99, 0)
     assert sb.ids[0].tolist() == [1, 2, 3, 5, 6, 99, 7, 8, 99, 9]
@@ -292,8 +274,11 @@ def test_full_mode_trains_weights_and_keeps_a_frozen_teacher(tiny_dir, tmp_path)
         assert torch.equal(v, teacher_before[k]), k
 
 
-def test_grpo_term_on_compressed_student_rollouts(tiny_dir, tmp_path):
-    cfg = _cfg(tiny_dir, tmp_path, rl_weight=1.0, rl_group=4)
+@pytest.mark.parametrize("masked", [False, True], ids=["full-heads", "mask"])
+def test_grpo_term_on_compressed_student_rollouts(tiny_dir, tmp_path, masked):
+    """The GRPO term runs on compressed rollouts, with and without per-head windows (--mask with --rl-weight)."""
+    mask = _window_mask(tmp_path) if masked else None
+    cfg = _cfg(tiny_dir, tmp_path, rl_weight=1.0, rl_group=4, mask=mask)
     s = _setup(tiny_dir, cfg)
     opt = tb.make_optimizer(s, cfg)
     torch.manual_seed(1)
@@ -302,13 +287,15 @@ def test_grpo_term_on_compressed_student_rollouts(tiny_dir, tmp_path):
     assert np.isfinite(st["grad_norm"]) and np.isfinite(st["kl"])
 
 
-def test_logprobs_of_student_rollouts_match_sampling(tiny_dir, tmp_path):
-    """The GRPO log-probs (full forward + beacon mask) are those of the distribution the compressed loop sampled."""
-    s = _setup(tiny_dir, _cfg(tiny_dir, tmp_path))
+@pytest.mark.parametrize("masked,n_new", [(False, 11), (True, 15)], ids=["full-heads", "mask"])
+def test_logprobs_of_student_rollouts_match_sampling(tiny_dir, tmp_path, masked, n_new):
+    """The GRPO log-probs (full forward + beacon mask, AND the windows with --mask) are those of the distribution the
+    compressed loop sampled."""
+    s = _setup(tiny_dir, _cfg(tiny_dir, tmp_path, mask=_window_mask(tmp_path) if masked else None))
     prompts = [s.tok("5+1=?")["input_ids"]] * 2
     torch.manual_seed(3)
     rec: list = []
-    comps = tb.sample(s.model, prompts, 11, 0.7, s.beacon_id, [2], s.tok.pad_token_id, interval=C, record=rec)
+    comps = tb.sample(s.model, prompts, n_new, 0.7, s.beacon_id, [2], s.tok.pad_token_id, interval=C, record=rec)
     lp, mask = tb.student_logprobs(s, prompts, comps, 0.7)
     inc = torch.log_softmax(torch.stack(rec, 1) / 0.7, -1)
     for i, c in enumerate(comps):

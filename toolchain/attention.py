@@ -515,32 +515,29 @@ def freeze_all_but_gates(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextlib.contextmanager
-def use_segments(model: nn.Module, segments: Optional[BeaconSegments]) -> Iterator[None]:
-    """Apply a beacon layout to the forwards inside the block (training and parity; not for cached decoding)."""
-    state = get_kvtool(model)
+def _override(state: Optional[KVToolState], attr: str, value) -> Iterator[None]:
+    """Set one per-model setting of ``state`` for the forwards inside the block, and restore it after."""
     if state is None:
         raise ValueError("load_with_kvtool(model, ...) first")
-    old, state.segments = state.segments, segments
+    old = getattr(state, attr)
+    setattr(state, attr, value)
     try:
         yield
     finally:
-        state.segments = old
+        setattr(state, attr, old)
 
 
-@contextlib.contextmanager
-def use_slot_positions(model: nn.Module, positions: Optional[torch.Tensor]) -> Iterator[None]:
+def use_segments(model: nn.Module, segments: Optional[BeaconSegments]) -> contextlib.AbstractContextManager:
+    """Apply a beacon layout to the forwards inside the block (training and parity; not for cached decoding)."""
+    return _override(get_kvtool(model), "segments", segments)
+
+
+def use_slot_positions(model: nn.Module, positions: Optional[torch.Tensor]) -> contextlib.AbstractContextManager:
     """Give the sequence position of every KV-cache slot (``[B, n_slots]``, the new tokens' slots last) to the
     forwards inside the block. Needed for cached decoding after slots were cut out of the cache (beacon eviction):
     positions derived from the 2D attention mask would count the survivors only, so the per-head windows would measure
     distance in slots instead of in positions, unlike the runtime (llama.cpp keeps each cell's ``pos``)."""
-    state = find_kvtool(model)
-    if state is None:
-        raise ValueError("load_with_kvtool(model, ...) first")
-    old, state.slot_positions = state.slot_positions, positions
-    try:
-        yield
-    finally:
-        state.slot_positions = old
+    return _override(find_kvtool(model), "slot_positions", positions)
 
 
 def find_kvtool(model: nn.Module) -> Optional[KVToolState]:

@@ -336,10 +336,13 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
     pos = _positions(attn)
     # Each cache slot's sequence position, kept through evictions so per-head windows (--mask) measure positions.
     slot_pos = pos.clone()
-    track = find_kvtool(model) is not None
-    slots = (lambda: use_slot_positions(model, slot_pos)) if track else contextlib.nullcontext
-    with slots():
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    has_kvtool = find_kvtool(model) is not None
+
+    def forward(**kw):  # reads slot_pos at call time: it grows with every feed and shrinks with every eviction
+        with use_slot_positions(model, slot_pos) if has_kvtool else contextlib.nullcontext():
+            return model(**kw)
+
+    out = forward(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     logits = out.logits[:, -1]
     next_pos = pos[:, -1] + 1
@@ -371,8 +374,7 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
         attn = torch.cat([attn, torch.ones(B, k, dtype=attn.dtype, device=device)], 1)
         p = next_pos[:, None] + torch.arange(k, device=device)[None]
         slot_pos = torch.cat([slot_pos, p], 1)
-        with slots():
-            out = model(input_ids=feed, attention_mask=attn, position_ids=p, past_key_values=cache, use_cache=True)
+        out = forward(input_ids=feed, attention_mask=attn, position_ids=p, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits = out.logits[:, -1]
         next_pos = next_pos + k
