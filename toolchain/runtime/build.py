@@ -11,6 +11,8 @@ Why this shape:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -347,12 +349,35 @@ def loaded_patch_hash() -> Optional[str]:
     return info.get("patch_hash") if info.get("runtime_patched") else None
 
 
+@contextlib.contextmanager
+def build_lock(echo: Echo):
+    """One build-runtime at a time per cache: the source tree and CMake build dir of a backend are shared, and two
+    concurrent builds (two checkouts, two shells) would corrupt each other. The second one waits."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / "build.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo(f"[kvtool] another build-runtime holds {cache_root() / 'build.lock'}; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def build_runtime(backend: str = "cpu", portable: bool = False, jobs: Optional[int] = None,
                   sdist: Optional[str] = None, rebuild: bool = False, echo: Echo = print) -> dict:
     """Build (or reuse) and install the patched runtime; returns what was done."""
     if backend not in BACKEND_CMAKE_ARGS:
         raise KvtoolError(f"unknown backend {backend!r} (choose from {', '.join(BACKEND_CMAKE_ARGS)})")
     sdist_path = check_sdist(Path(sdist)) if sdist else None
+    with build_lock(echo):
+        return _build_runtime_locked(backend, portable, jobs, sdist_path, rebuild, echo)
+
+
+def _build_runtime_locked(backend: str, portable: bool, jobs: Optional[int], sdist_path: Optional[Path],
+                          rebuild: bool, echo: Echo) -> dict:
     t0 = time.time()
     phash = patch_hash()
     inst = installed_build()
