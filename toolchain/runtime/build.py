@@ -350,15 +350,17 @@ def loaded_patch_hash() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def build_lock(echo: Echo):
-    """One build-runtime at a time per cache: the source tree and CMake build dir of a backend are shared, and two
-    concurrent builds (two checkouts, two shells) would corrupt each other. The second one waits."""
+def build_lock(key: str, echo: Echo):
+    """One build-runtime at a time per cache and backend: a backend's source tree and CMake build dir are shared, and
+    two concurrent builds (two checkouts, two shells) would corrupt each other. The second one waits. Other backends
+    have their own trees, so a long CUDA compile does not hold up a CPU rebuild."""
     cache_root().mkdir(parents=True, exist_ok=True)
-    with open(cache_root() / "build.lock", "w") as fh:
+    lock = cache_root() / f"build-{key}.lock"
+    with open(lock, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            echo(f"[kvtool] another build-runtime holds {cache_root() / 'build.lock'}; waiting for it")
+            echo(f"[kvtool] another build-runtime holds {lock}; waiting for it")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -372,7 +374,7 @@ def build_runtime(backend: str = "cpu", portable: bool = False, jobs: Optional[i
     if backend not in BACKEND_CMAKE_ARGS:
         raise KvtoolError(f"unknown backend {backend!r} (choose from {', '.join(BACKEND_CMAKE_ARGS)})")
     sdist_path = check_sdist(Path(sdist)) if sdist else None
-    with build_lock(echo):
+    with build_lock(build_key(backend, portable), echo):
         return _build_runtime_locked(backend, portable, jobs, sdist_path, rebuild, echo)
 
 
