@@ -32,7 +32,7 @@ TORCH_PIN := $(shell [ "$$(uname -s)" = Linux ] && [ "$$(uname -m)" = x86_64 ] &
                      ! command -v nvidia-smi >/dev/null 2>&1 && echo "torch==2.13.0")
 endif
 
-.PHONY: demo test test-all venv runtime clean distclean
+.PHONY: demo test test-all venv runtime clean distclean vulkan-deps test-gpu check-cuda
 
 venv: $(EXTRAS_STAMP)
 
@@ -71,6 +71,36 @@ test: venv
 
 test-all: venv
 	$(call run_pytest,-m '')
+
+# ---- GPU backends (docs/gpu.md). Each has its own venv, so .venv keeps the CPU runtime everyone's tests use, and
+# its own source/build tree and lock in ~/.cache/kvtool, so a GPU build can run beside a CPU one.
+VK_VENV := .venv-vulkan
+CUDA_VENV := .venv-cuda
+# Debian packages for the Vulkan build (headers, glslc, SPIR-V headers) and Mesa's lavapipe device to run it on.
+VK_DEBS := libvulkan-dev glslc spirv-headers mesa-vulkan-drivers
+
+vulkan-deps:
+	@missing=""; for p in $(VK_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "[make] installing Debian packages:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+# The Vulkan tests (marker `vulkan`, outside `make test`) on the first Vulkan device; lavapipe is a CPU-type device,
+# which ggml-vulkan skips unless GGML_VK_VISIBLE_DEVICES names it.
+test-gpu: vulkan-deps
+	$(MAKE) venv VENV=$(VK_VENV) RUNTIME_ARGS="--backend vulkan $(RUNTIME_ARGS)"
+	@$(VK_VENV)/bin/python -c "from toolchain.runtime.library import runtime_info as r; b = r()['backend']; \
+		raise SystemExit(0 if b == 'vulkan' else f'[make] $(VK_VENV) has the {b} runtime, not vulkan')"
+	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES:-0} $(VK_VENV)/bin/python -m pytest -q -m vulkan \
+		tests/test_gpu_vulkan.py $(PYTEST_ARGS)
+
+# Compiles the CUDA runtime (slow: see docs/gpu.md for the measured time) and checks that it imports and reports
+# "no CUDA device" cleanly on a machine without a GPU. Core dependencies only: no torch in this venv.
+check-cuda:
+	$(MAKE) $(CUDA_VENV)/.kvtool-core.stamp VENV=$(CUDA_VENV)
+	$(CUDA_VENV)/bin/kvtool build-runtime --backend cuda $(RUNTIME_ARGS)
+	$(CUDA_VENV)/bin/python bench/check_cuda.py
 
 demo: venv
 	$(KVTOOL) fetch smollm2

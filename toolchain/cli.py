@@ -36,13 +36,23 @@ def _echo(msg: str) -> None:
 @click.option("--jobs", "-j", type=int, default=None, help="Parallel compile jobs (default: all cores).")
 @click.option("--sdist", type=str, default=None, help="Use this llama-cpp-python 0.3.36 sdist instead of downloading.")
 @click.option("--rebuild", is_flag=True, help="Ignore the installed build and the cached wheel.")
-def build_runtime_cmd(backend, portable, jobs, sdist, rebuild):
+@click.option("--cuda-arch", type=str, default=None,
+              help="CUDA compute capabilities, e.g. '75;86;87;89;90' (the default) or 'native'.")
+@click.option("--export-source", type=str, default=None, metavar="ARCHIVE",
+              help="Write a pruned, pre-patched source archive for --backend (.tar.gz) instead of building.")
+def build_runtime_cmd(backend, portable, jobs, sdist, rebuild, cuda_arch, export_source):
     """Build and install the patched llama-cpp-python (libllama with the mixed KV cache)."""
     from .runtime.build import build_runtime
 
     if jobs is not None and jobs < 1:
         raise KvtoolError(f"--jobs must be >= 1, got {jobs}")
-    build_runtime(backend=backend, portable=portable, jobs=jobs, sdist=sdist, rebuild=rebuild, echo=_echo)
+    if export_source:
+        from .runtime.export import export_source as export
+
+        export(export_source, backend=backend, sdist=sdist, echo=_echo)
+        return
+    build_runtime(backend=backend, portable=portable, jobs=jobs, sdist=sdist, rebuild=rebuild, echo=_echo,
+                  cuda_arch=cuda_arch)
 
 
 @cli.command()

@@ -8,6 +8,10 @@ Why this shape:
   backend, and the finished wheel keyed by the patch hash.
 - The installed build carries ``llama_cpp/kvtool_build.json`` and the library itself exports
   ``kvtool_patch_hash()``, so "is the right runtime installed?" is answered without guessing.
+- GPU backends (docs/gpu.md): a backend may add its own patches in ``patches/series-<backend>`` (Vulkan: header
+  compatibility). Those are hashed for that backend only, so the CPU patch hash, and with it the CPU wheel everyone
+  shares, does not move when a GPU-only patch changes. The CUDA recipe (toolkit, cuBLAS, arch list) is in
+  ``cuda.py``.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from typing import Callable, Optional
 
 from ..errors import KvtoolError
 from ..paths import REPO_ROOT, cache_root
+from . import cuda
 
 SDIST_PROJECT = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
@@ -40,8 +45,9 @@ RECIPE_VERSION = "1"
 
 BACKEND_CMAKE_ARGS = {
     "cpu": [],
-    "cuda": ["-DGGML_CUDA=on"],
-    "metal": ["-DGGML_METAL=on"],
+    # No VMM: the virtual-memory pool needs libcuda (the driver) at link time, and a build machine may have none.
+    "cuda": ["-DGGML_CUDA=on", "-DGGML_CUDA_NO_VMM=ON"],
+    "metal": ["-DGGML_METAL=on", "-DGGML_METAL_EMBED_LIBRARY=ON"],
     "vulkan": ["-DGGML_VULKAN=on"],
 }
 # The multimodal library (mtmd) is loaded lazily by llama-cpp-python and kvtool never uses it: skip it.
@@ -60,27 +66,57 @@ def cpp_dir() -> Path:
     return REPO_ROOT / "cpp"
 
 
-def patch_series() -> list[Path]:
-    series = patches_dir() / "series"
+def _series(series: Path) -> list[Path]:
     names = [ln.strip() for ln in series.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     return [patches_dir() / n for n in names]
+
+
+def patch_series() -> list[Path]:
+    """The patches every backend gets (patches/series)."""
+    return _series(patches_dir() / "series")
+
+
+def backend_series_file(backend: str) -> Path:
+    return patches_dir() / f"series-{backend}"
+
+
+def backend_patch_series(backend: str) -> list[Path]:
+    """The patches only ``backend`` gets, applied after patches/series ([] when there is no series-<backend>)."""
+    f = backend_series_file(backend)
+    return _series(f) if f.is_file() else []
 
 
 def cpp_sources() -> list[Path]:
     return sorted(p for p in cpp_dir().iterdir() if p.is_file() and p.suffix in (".h", ".cpp", ".hpp"))
 
 
-def patch_hash() -> str:
-    """Hash of everything that changes the patched runtime: sdist version, recipe, patches, cpp/."""
+def patch_hash(backend: str = "cpu") -> str:
+    """Hash of everything that changes the patched runtime: sdist version, recipe, patches, cpp/, and the
+    backend's own series when it has one. A backend without ``series-<backend>`` (cpu, cuda, metal) hashes exactly
+    the common inputs, so a Vulkan-only patch never changes the CPU hash."""
     h = hashlib.sha256()
     h.update(f"{SDIST_PROJECT}=={SDIST_VERSION};recipe={RECIPE_VERSION}\n".encode())
     for p in [patches_dir() / "series", *patch_series(), *cpp_sources()]:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    extra = backend_series_file(backend)
+    if extra.is_file():
+        h.update(f"backend={backend}\n".encode())
+        for p in [extra, *backend_patch_series(backend)]:
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
 def build_key(backend: str, portable: bool) -> str:
+    """Names the source tree, CMake dir and lock: one per backend, so builds of different backends can overlap."""
     return backend + ("-portable" if portable else "")
+
+
+def wheel_key(backend: str, portable: bool, cuda_arch: Optional[str] = None) -> str:
+    """The wheel cache's key beside the patch hash: the build key, plus the arch list for CUDA."""
+    key = build_key(backend, portable)
+    if backend == "cuda":
+        key += "-sm" + "_".join(cuda.parse_archs(cuda_arch or cuda.DEFAULT_ARCHS))
+    return key
 
 
 def installed_build() -> Optional[dict]:
@@ -141,10 +177,11 @@ def extract_sdist(sdist: Path, into: Path) -> Path:
 # ----------------------------------------------------------------------------------------- patching
 
 
-def apply_patches(project: Path) -> None:
-    """Apply patches/series to vendor/llama.cpp; stop at the first failing hunk naming the file."""
+def apply_patches(project: Path, backend: str = "cpu") -> None:
+    """Apply patches/series, then the backend's own series, to vendor/llama.cpp; stop at the first failing hunk
+    naming the file."""
     llama = project / "vendor" / "llama.cpp"
-    for patch in patch_series():
+    for patch in [*patch_series(), *backend_patch_series(backend)]:
         if not patch.is_file():
             raise KvtoolError(f"patch listed in patches/series is missing: {patch.name}")
         res = subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=llama,
@@ -165,9 +202,11 @@ def install_cpp(project: Path) -> None:
     shutil.copyfile(cpp_dir() / "kvtool.h", llama / "include" / "kvtool.h")
 
 
-def write_marker(project: Path, phash: str, backend: str, portable: bool) -> None:
+def write_marker(project: Path, phash: str, backend: str, portable: bool, cuda_arch: Optional[str] = None) -> None:
     marker = {"patch_hash": phash, "backend": backend, "portable": portable,
               "sdist": f"{SDIST_PROJECT}=={SDIST_VERSION}", "recipe": RECIPE_VERSION}
+    if backend == "cuda":
+        marker["cuda_arch"] = cuda_arch
     (project / "llama_cpp" / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
 
@@ -198,16 +237,25 @@ def sync_tree(src: Path, dst: Path) -> int:
     return changed
 
 
-def prepare_tree(sdist: Path, phash: str, backend: str, portable: bool, echo: Echo) -> Path:
+def patched_project(sdist: Path, into: Path, phash: str, backend: str, portable: bool,
+                    cuda_arch: Optional[str] = None) -> Path:
+    """Extract the sdist into ``into``, apply the series for ``backend``, add cpp/ and the marker."""
+    project = extract_sdist(sdist, into)
+    apply_patches(project, backend)
+    install_cpp(project)
+    write_marker(project, phash, backend, portable, cuda_arch)
+    return project
+
+
+def prepare_tree(sdist: Path, phash: str, backend: str, portable: bool, echo: Echo,
+                 cuda_arch: Optional[str] = None) -> Path:
     key = build_key(backend, portable)
     tree = cache_root() / "src" / key / SDIST_TOP
     staging_root = Path(tempfile.mkdtemp(prefix="staging-", dir=cache_root()))
     try:
-        echo("[kvtool] extracting sdist and applying patches/series")
-        project = extract_sdist(sdist, staging_root)
-        apply_patches(project)
-        install_cpp(project)
-        write_marker(project, phash, backend, portable)
+        extra = f" + series-{backend}" if backend_patch_series(backend) else ""
+        echo(f"[kvtool] extracting sdist and applying patches/series{extra}")
+        project = patched_project(sdist, staging_root, phash, backend, portable, cuda_arch)
         tree.mkdir(parents=True, exist_ok=True)
         n = sync_tree(project, tree)
         echo(f"[kvtool] source tree ready ({n} files changed): {tree}")
@@ -232,8 +280,8 @@ def ensure_build_requirements(echo: Echo) -> None:
             raise KvtoolError("could not install build requirements: " + res.stderr.strip().splitlines()[-1], code=1)
 
 
-def cmake_args(backend: str, portable: bool, phash: str) -> str:
-    args = [*COMMON_CMAKE_ARGS, *BACKEND_CMAKE_ARGS[backend],
+def cmake_args(backend: str, portable: bool, phash: str, extra_args: Optional[list[str]] = None) -> str:
+    args = [*COMMON_CMAKE_ARGS, *BACKEND_CMAKE_ARGS[backend], *(extra_args or []),
             f"-DKVTOOL_PATCH_HASH={phash}", f"-DKVTOOL_BACKEND={backend}"]
     if portable:
         args.append("-DGGML_NATIVE=OFF")
@@ -243,17 +291,20 @@ def cmake_args(backend: str, portable: bool, phash: str) -> str:
     return " ".join(args)
 
 
-def build_wheel(tree: Path, backend: str, portable: bool, jobs: int, phash: str, echo: Echo) -> Path:
+def build_wheel(tree: Path, backend: str, portable: bool, jobs: int, phash: str, echo: Echo,
+                extra_args: Optional[list[str]] = None) -> Path:
     key = build_key(backend, portable)
     build_dir = cache_root() / "build" / key
     logs = cache_root() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"build-{phash}-{key}.log"
     out_dir = Path(tempfile.mkdtemp(prefix="wheel-", dir=cache_root()))
-    env = dict(os.environ, CMAKE_ARGS=cmake_args(backend, portable, phash), CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+    env = dict(os.environ, CMAKE_ARGS=cmake_args(backend, portable, phash, extra_args),
+               CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
            "-w", str(out_dir), "-C", f"build-dir={build_dir}", str(tree)]
-    echo(f"[kvtool] compiling ({backend}, {jobs} jobs; a cold CPU build takes ~9 min on 2 cores); log: {log_path}")
+    echo(f"[kvtool] compiling ({backend}, {jobs} jobs; a cold CPU build takes ~9 min on 2 cores, GPU backends "
+         f"longer: docs/gpu.md); log: {log_path}")
     t0 = time.time()
     last_shown = -1
     with open(log_path, "w") as log:
@@ -289,8 +340,8 @@ def build_wheel(tree: Path, backend: str, portable: bool, jobs: int, phash: str,
 # ----------------------------------------------------------------------------------------- wheels
 
 
-def wheel_cache_dir(phash: str, backend: str, portable: bool) -> Path:
-    return cache_root() / "wheels" / f"{phash}-{build_key(backend, portable)}"
+def wheel_cache_dir(phash: str, backend: str, portable: bool, cuda_arch: Optional[str] = None) -> Path:
+    return cache_root() / "wheels" / f"{phash}-{wheel_key(backend, portable, cuda_arch)}"
 
 
 def store_wheel(built: Path, cache_dir: Path) -> Path:
@@ -368,43 +419,56 @@ def build_lock(key: str, echo: Echo):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_runtime(backend: str = "cpu", portable: bool = False, jobs: Optional[int] = None,
-                  sdist: Optional[str] = None, rebuild: bool = False, echo: Echo = print) -> dict:
-    """Build (or reuse) and install the patched runtime; returns what was done."""
+def check_backend_args(backend: str, cuda_arch: Optional[str]) -> Optional[str]:
+    """Validate before touching the cache; returns the normalised arch list (CUDA) or None."""
     if backend not in BACKEND_CMAKE_ARGS:
         raise KvtoolError(f"unknown backend {backend!r} (choose from {', '.join(BACKEND_CMAKE_ARGS)})")
+    if cuda_arch is not None and backend != "cuda":
+        raise KvtoolError(f"--cuda-arch applies to --backend cuda only, not {backend}")
+    if backend == "cuda":
+        return ";".join(cuda.parse_archs(cuda_arch or cuda.DEFAULT_ARCHS))
+    return None
+
+
+def build_runtime(backend: str = "cpu", portable: bool = False, jobs: Optional[int] = None,
+                  sdist: Optional[str] = None, rebuild: bool = False, echo: Echo = print,
+                  cuda_arch: Optional[str] = None) -> dict:
+    """Build (or reuse) and install the patched runtime; returns what was done."""
+    cuda_arch = check_backend_args(backend, cuda_arch)
     sdist_path = check_sdist(Path(sdist)) if sdist else None
     with build_lock(build_key(backend, portable), echo):
-        return _build_runtime_locked(backend, portable, jobs, sdist_path, rebuild, echo)
+        return _build_runtime_locked(backend, portable, jobs, sdist_path, rebuild, echo, cuda_arch)
 
 
 def _build_runtime_locked(backend: str, portable: bool, jobs: Optional[int], sdist_path: Optional[Path],
-                          rebuild: bool, echo: Echo) -> dict:
+                          rebuild: bool, echo: Echo, cuda_arch: Optional[str] = None) -> dict:
     t0 = time.time()
-    phash = patch_hash()
+    phash = patch_hash(backend)
+    wkey = wheel_key(backend, portable, cuda_arch)
     inst = installed_build()
     if (not rebuild and inst and inst.get("patch_hash") == phash and inst.get("backend") == backend
-            and bool(inst.get("portable")) == portable):
-        echo(f"[kvtool] runtime is up to date (patch hash {phash}, backend {build_key(backend, portable)})")
+            and bool(inst.get("portable")) == portable and inst.get("cuda_arch") == cuda_arch):
+        echo(f"[kvtool] runtime is up to date (patch hash {phash}, backend {wkey})")
         return {"action": "none", "patch_hash": phash, "seconds": time.time() - t0}
     cache_root().mkdir(parents=True, exist_ok=True)
-    wdir = wheel_cache_dir(phash, backend, portable)
+    wdir = wheel_cache_dir(phash, backend, portable, cuda_arch)
     whl = None if rebuild else cached_wheel(wdir)
     action = "cached"
     if whl is None:
         action = "built"
         ensure_build_requirements(echo)
+        extra = cuda.cmake_args(cuda_arch, echo) if backend == "cuda" else []
         sdist_path = sdist_path or fetch_sdist(echo)
-        tree = prepare_tree(sdist_path, phash, backend, portable, echo)
+        tree = prepare_tree(sdist_path, phash, backend, portable, echo, cuda_arch)
         if rebuild and wdir.exists():
             shutil.rmtree(wdir)
-        whl = store_wheel(build_wheel(tree, backend, portable, jobs or os.cpu_count() or 1, phash, echo), wdir)
+        whl = store_wheel(build_wheel(tree, backend, portable, jobs or os.cpu_count() or 1, phash, echo, extra),
+                          wdir)
     else:
         echo(f"[kvtool] using cached wheel {whl}")
     install_wheel(whl, echo)
     got = loaded_patch_hash()
     if got != phash:
         raise KvtoolError(f"installed runtime reports patch hash {got}, expected {phash}", code=1)
-    echo(f"[kvtool] runtime installed: patch hash {phash}, backend {build_key(backend, portable)} "
-         f"({time.time() - t0:.0f} s)")
+    echo(f"[kvtool] runtime installed: patch hash {phash}, backend {wkey} ({time.time() - t0:.0f} s)")
     return {"action": action, "patch_hash": phash, "wheel": str(whl), "seconds": time.time() - t0}
