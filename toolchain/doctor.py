@@ -34,19 +34,20 @@ def importable(module: str) -> bool:
         return False
 
 
-def expected_patch_hash():
-    """The patch hash of this checkout's patches/ + cpp/ (None when they are not available, e.g. a plain wheel)."""
+def expected_patch_hash(backend: str = "cpu"):
+    """The patch hash of this checkout's patches/ + cpp/ for ``backend`` (a GPU backend may add its own series;
+    docs/gpu.md). None when they are not available, e.g. a plain wheel."""
     try:
         from .runtime.build import patch_hash
 
-        return patch_hash()
+        return patch_hash(backend)
     except (OSError, ValueError):
         return None
 
 
 def collect() -> dict:
     rt = runtime_info()
-    expected = expected_patch_hash()
+    expected = expected_patch_hash(rt["backend"] or "cpu")
     info = {
         "kvtool": __version__,
         "python": platform.python_version(),

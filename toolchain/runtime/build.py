@@ -181,9 +181,10 @@ def apply_patches(project: Path, backend: str = "cpu") -> None:
     """Apply patches/series, then the backend's own series, to vendor/llama.cpp; stop at the first failing hunk
     naming the file."""
     llama = project / "vendor" / "llama.cpp"
-    for patch in [*patch_series(), *backend_patch_series(backend)]:
+    listed = [("series", p) for p in patch_series()] + [(f"series-{backend}", p) for p in backend_patch_series(backend)]
+    for series, patch in listed:
         if not patch.is_file():
-            raise KvtoolError(f"patch listed in patches/series is missing: {patch.name}")
+            raise KvtoolError(f"patch listed in patches/{series} is missing: {patch.name}")
         res = subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=llama,
                              capture_output=True, text=True)
         if res.returncode != 0:

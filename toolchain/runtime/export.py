@@ -26,6 +26,10 @@ EXPORT_MANIFEST = "kvtool_export.json"
 # llama.cpp is a subproject; tools/mtmd stays for LLAVA_BUILD=ON users).
 PRUNE = ["models", "docs", "media", "benches", "examples", "gguf-py", "scripts", "conversion", ".devops", ".github",
          "tools/server", "tools/ui", "grammars", "prompts", "requirements", "pocs", "ci", "licenses"]
+# Relative to the llama-cpp-python project: its git history (the sdist carries one), Python examples, docs, tests;
+# and the multimodal test media (kvtool builds with LLAVA_BUILD=OFF).
+PRUNE_PROJECT = [".git", ".github", "docker", "examples", "docs", "tests", "vendor/llama.cpp/tools/mtmd/test-1.jpeg",
+                 "vendor/llama.cpp/tools/mtmd/test-2.mp3", "vendor/llama.cpp/tools/mtmd/test-3.mp4"]
 # ggml backends kept for every export; the exported backend's own directory is added to these.
 KEEP_BACKENDS = {"ggml-cpu"}
 BACKEND_DIRS = {"cpu": set(), "cuda": {"ggml-cuda"}, "metal": {"ggml-metal"}, "vulkan": {"ggml-vulkan"}}
@@ -33,8 +37,7 @@ BACKEND_DIRS = {"cpu": set(), "cuda": {"ggml-cuda"}, "metal": {"ggml-metal"}, "v
 
 def prune(project: Path, backend: str) -> None:
     llama = project / "vendor" / "llama.cpp"
-    for rel in PRUNE:
-        p = llama / rel
+    for p in [project / rel for rel in PRUNE_PROJECT] + [llama / rel for rel in PRUNE]:
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
