@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from toolchain.attention import (  # noqa: E402
+from toolchain.train.attention import (  # noqa: E402
     BeaconSegments,
     beacon_layout,
     beacon_visibility,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from helpers_runtime import write_windows
+
 from toolchain.cli import cli
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")

@@ -22,9 +22,10 @@ from toolchain.cli import cli, main
 from toolchain.errors import KvtoolError
 from toolchain.runtime import build
 from toolchain.runtime.threads import parse_cpuinfo, physical_cores
+from toolchain.sdist import SDIST_FILE, SDIST_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
-SDIST = Path.home() / ".cache" / "kvtool" / "sdist" / build.SDIST_FILE
+SDIST = Path.home() / ".cache" / "kvtool" / "sdist" / SDIST_FILE
 
 
 def _walk(group: click.Group, prefix=()):
@@ -131,7 +132,7 @@ def test_doctor_json(patched_runtime):
                 "reasoning_gym", "matplotlib", "train_extras", "threads", "cache_dir"):
         assert key in info, key
     assert info["runtime_patched"] is True
-    assert info["llama_cpp_python"] == build.SDIST_VERSION
+    assert info["llama_cpp_python"] == SDIST_VERSION
     assert isinstance(info["runtime_version"], int) and info["runtime_version"] >= 1
     assert len(info["patch_hash"]) == 16 and int(info["patch_hash"], 16) >= 0
     assert info["expected_patch_hash"] == build.patch_hash()
@@ -141,7 +142,7 @@ def test_doctor_json(patched_runtime):
     assert isinstance(info["train_extras"], bool)
     if not info["runtime_up_to_date"]:
         warnings.warn(f"loaded runtime {info['patch_hash']} is older than patches/+cpp/ "
-                      f"({info['expected_patch_hash']}): run kvtool build-runtime")
+                      f"({info['expected_patch_hash']}): run kvtool build-runtime", stacklevel=1)
 
 
 def test_doctor_does_not_import_torch():
@@ -312,7 +313,7 @@ def test_corrupted_cached_wheel(tmp_path, monkeypatch, capsys, damage):
         monkeypatch.setattr(build, step, _no_subprocess)  # tripwires: no download, compile or install
     wdir = build.wheel_cache_dir(build.patch_hash(), "cpu", False)
     wdir.mkdir(parents=True)
-    whl = wdir / f"llama_cpp_python-{build.SDIST_VERSION}-py3-none-linux_x86_64.whl"
+    whl = wdir / f"llama_cpp_python-{SDIST_VERSION}-py3-none-linux_x86_64.whl"
     whl.write_bytes(b"PK\x03\x04 this is not a wheel")
     digest = hashlib.sha256(whl.read_bytes()).hexdigest() if damage == "not-a-zip" else "0" * 64
     (wdir / (whl.name + ".sha256")).write_text(digest + "\n")

@@ -11,11 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from converters.hf_to_gguf import hf_to_gguf  # noqa: E402
-from toolchain.attention import reference_logits  # noqa: E402
-
 from helpers_models import make_tiny_hf  # noqa: E402
 from helpers_runtime import load, runtime_logits, write_windows  # noqa: E402
+
+from converters.hf_to_gguf import hf_to_gguf  # noqa: E402
+from toolchain.train.attention import reference_logits  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
 

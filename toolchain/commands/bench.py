@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import KvtoolError
+from ..errors import KvtoolError
+from ..gguf_keys import CACHE_TYPES, K_ENABLED
 
 VARIANTS = {
     "stock": dict(mixed=False, cache="f16"),
@@ -45,12 +46,10 @@ class BenchRow:
 def _load(path: Path, n_ctx: int, n_ubatch: int, n_threads: int, mixed: bool, cache: str):
     from llama_cpp import Llama
 
-    from .runtime.memory import GGML_TYPE_IDS
-
-    t = GGML_TYPE_IDS[cache]
+    t = CACHE_TYPES[cache].ggml_id
     return Llama(str(path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, n_threads=n_threads,
                  n_threads_batch=n_threads, flash_attn=True, type_k=t, type_v=t, verbose=False,
-                 kv_overrides={"kvtool.kv.enabled": mixed})
+                 kv_overrides={K_ENABLED: mixed})
 
 
 def _clear(llm) -> None:
@@ -62,7 +61,7 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
               n_ubatch: int, n_threads: int, rng: np.random.Generator, echo: Callable[[str], None]) -> list[BenchRow]:
     """All variants of one context size, loaded side by side and measured in alternation (round robin), so a
     slowdown of the machine hits every variant alike and the ratios stay honest."""
-    from .runtime.library import kv_bytes
+    from ..runtime.library import kv_bytes
 
     llms = {}
     try:
@@ -116,8 +115,8 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
               n_threads: Optional[int] = None, seed: int = 0, echo: Callable[[str], None] = print) -> list[BenchRow]:
     from converters.gguf_budgets import open_gguf
 
-    from .runtime.library import require_patched
-    from .runtime.threads import physical_cores
+    from ..runtime.library import require_patched
+    from ..runtime.threads import physical_cores
 
     p = Path(path)
     if not p.is_file():
@@ -143,6 +142,10 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
     return rows
 
 
+def _ratio(a: float, stock: Optional[float]) -> str:
+    return f"{a / stock:.3f}x" if stock else "-"
+
+
 def markdown(rows: list[BenchRow]) -> str:
     """A table with ratios against the stock variant of the same context."""
     base = {r.ctx: r for r in rows if r.variant == "stock"}
@@ -150,10 +153,9 @@ def markdown(rows: list[BenchRow]) -> str:
            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base.get(r.ctx)
-        rel = (lambda a, s: f"{a / s:.3f}x" if b and s else "-")
-        out.append(f"| {r.ctx} | {r.variant} | {r.kv_bytes / 2**20:.1f} | {rel(r.kv_bytes, b.kv_bytes if b else 0)} | "
-                   f"{r.prefill_tps:.1f} | {rel(r.prefill_tps, b.prefill_tps if b else 0)} | {r.decode_tps:.2f} | "
-                   f"{rel(r.decode_tps, b.decode_tps if b else 0)} |")
+        out.append(f"| {r.ctx} | {r.variant} | {r.kv_bytes / 2**20:.1f} | {_ratio(r.kv_bytes, b and b.kv_bytes)} | "
+                   f"{r.prefill_tps:.1f} | {_ratio(r.prefill_tps, b and b.prefill_tps)} | {r.decode_tps:.2f} | "
+                   f"{_ratio(r.decode_tps, b and b.decode_tps)} |")
     return "\n".join(out)
 
 
@@ -175,8 +177,10 @@ def plot(rows: list[BenchRow], out: str) -> None:
         rs = sorted((r for r in rows if r.variant == v), key=lambda r: r.ctx)
         a.plot([r.ctx for r in rs], [r.decode_tps for r in rs], marker="o", label=v)
         b.plot([r.ctx for r in rs], [r.kv_bytes / 2**20 for r in rs], marker="o", label=v)
-    a.set_xlabel("context (tokens)"); a.set_ylabel("decode tok/s"); a.legend()
-    b.set_xlabel("context (tokens)"); b.set_ylabel("KV cache MiB"); b.legend()
+    for ax, label in ((a, "decode tok/s"), (b, "KV cache MiB")):
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.legend()
     fig.tight_layout()
     tmp = Path(out).with_suffix(".tmp.png")
     fig.savefig(tmp)

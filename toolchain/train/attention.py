@@ -190,7 +190,7 @@ def mixed_attention(
     it softmax over -inf would put NaN into gradients that reach the gates through earlier layers.
     """
     B, H, T, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     if H % Hkv:
         raise ValueError(f"n_head {H} is not a multiple of n_head_kv {Hkv}")
     G = H // Hkv
