@@ -1,4 +1,4 @@
-"""Read and write the ``kvtool.*`` keys of a GGUF without touching its tensors (ARCHITECTURE §2).
+"""Read and write the ``kvtool.*`` keys of a GGUF without touching its tensors (docs/architecture.md §2).
 
 Why a raw streaming copy rather than ``gguf.GGUFWriter``: the writer re-lays tensor offsets and writes tensors
 with ``ndarray.tofile``; fed from a memmap, that faults every page of the input into this process (RSS ≈ file
@@ -307,7 +307,7 @@ def rewrite_gguf(src: str | os.PathLike, dst: str | os.PathLike, set_keys: dict[
 
 def budget_keys(mask: HeadsMask, beacon_token: Optional[int] = None, beacon_interval: Optional[int] = None,
                 enabled: bool = True) -> dict[str, Value]:
-    """The kvtool keys for a mask (and optional beacon), typed as ARCHITECTURE §2 fixes them."""
+    """The kvtool keys for a mask (and optional beacon), typed as docs/architecture.md §2 fixes them."""
     mask.validate()
     keys = {
         K_VERSION: Value(T_U32, KVTOOL_VERSION),

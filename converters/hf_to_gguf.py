@@ -1,4 +1,4 @@
-"""Hugging Face directory -> GGUF with the llama.cpp converter pinned by the runtime (ARCHITECTURE §1).
+"""Hugging Face directory -> GGUF with the llama.cpp converter pinned by the runtime (docs/architecture.md §1).
 
 Why run the vendored ``convert_hf_to_gguf.py`` instead of our own: the tensor names, permutations and tokenizer
 handling must match the libllama we link, and that script is the one written for it (llama.cpp 0c1e570 inside

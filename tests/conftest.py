@@ -50,7 +50,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_masked(smollm2, tmp_path_factory):
-    """SmolLM2 with a seeded random s=0.5 mask, S=16, W=64 (ARCHITECTURE's bench setting)."""
+    """SmolLM2 with a seeded random s=0.5 mask, S=16, W=64 (the bench setting of docs/benchmarks.md)."""
     from converters.gguf_budgets import apply_mask
     from toolchain.heads import random_mask
 

@@ -1,4 +1,4 @@
-"""The run-time beacon loop (toolchain/runtime/beacons.py) against the PyTorch beacon reference (ARCHITECTURE §5, §7).
+"""The run-time beacon loop (toolchain/runtime/beacons.py) against the PyTorch beacon reference (docs/architecture.md §5, §7).
 
 A tiny random F32 llama GGUF, F32 KV cache, flash attention off. The beacon is an existing vocabulary id (the last
 one, ``--reuse-token`` semantics): an untrained beacon model must still run, and parity does not care what the beacon

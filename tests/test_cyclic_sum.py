@@ -1,4 +1,4 @@
-"""Tests for the long-chain reasoner task (toolchain/train/cyclic_sum.py): format, arithmetic, batch = examples,
+"""Tests for the long-chain reasoner task (toolchain/tasks/cyclic_sum.py): format, arithmetic, batch = examples,
 registration with kvtool's task registry and the trainer's spec, and the peak-KV ratio it was designed for."""
 from __future__ import annotations
 

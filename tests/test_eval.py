@@ -1,4 +1,4 @@
-"""Tests for `kvtool eval` (toolchain/eval.py, toolchain/commands/eval.py).
+"""Tests for `kvtool eval` (toolchain/eval/, toolchain/commands/eval.py).
 
 Statistics are checked against published/closed-form values and scipy; the runtime parts run on the session's tiny
 random llama (3 layers, 2 KV heads, F32) with a local task, so they take seconds. A random model solves nothing on

@@ -1,4 +1,4 @@
-"""The patched llama.cpp against the PyTorch reference (toolchain/attention.py) on F32 GGUFs (ARCHITECTURE §7).
+"""The patched llama.cpp against the PyTorch reference (toolchain/train/attention.py) on F32 GGUFs (docs/architecture.md §7).
 
 F32 weights and an F32 KV cache, flash attention off: the only differences left are float summation order, so
 max |Δlogit| must stay under 1e-3 for every ubatch size and prefill/decode split, with random and structured masks.

@@ -1,4 +1,4 @@
-"""Tests for RLKV gate training (toolchain/train/rlkv.py), the task layer (toolchain/tasks.py) and `kvtool train`.
+"""Tests for RLKV gate training (toolchain/train/rlkv.py), the task layer (toolchain/tasks/) and `kvtool train`.
 
 CPU only, tiny random llama (2 layers, 2 KV heads), a few steps each. A random model earns no task reward, so the
 RL pieces are driven by fake reward functions and a local toy task; the formulas are checked against independent

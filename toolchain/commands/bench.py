@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import KvtoolError
 from ..gguf_keys import CACHE_TYPES, K_ENABLED
+from ..runtime.handles import clear_kv, ctx_ptr, cut_kv
 
 VARIANTS = {
     "stock": dict(mixed=False, cache="f16"),
@@ -52,11 +53,6 @@ def _load(path: Path, n_ctx: int, n_ubatch: int, n_threads: int, mixed: bool, ca
                  kv_overrides={K_ENABLED: mixed})
 
 
-def _clear(llm) -> None:
-    llm.reset()
-    llm._ctx.kv_cache_clear()
-
-
 def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_decode: int, repeats: int,
               n_ubatch: int, n_threads: int, rng: np.random.Generator, echo: Callable[[str], None]) -> list[BenchRow]:
     """All variants of one context size, loaded side by side and measured in alternation (round robin), so a
@@ -68,7 +64,7 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
         for v in variants:
             spec = VARIANTS[v]
             llms[v] = _load(path, ctx, n_ubatch, n_threads, spec["mixed"], spec["cache"])
-            if spec["mixed"] and not kv_bytes(llms[v]._ctx.ctx)[0]:
+            if spec["mixed"] and not kv_bytes(ctx_ptr(llms[v]))[0]:
                 raise KvtoolError(f"{path} has no kvtool budgets (mixed mode did not activate); convert it with --mask first")
         n_vocab = next(iter(llms.values())).n_vocab()
         lo = min(100, n_vocab // 10)  # stay clear of the special tokens at the start of most vocabularies
@@ -79,14 +75,14 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
         prefill = {v: [] for v in variants}
         for _ in range(repeats):
             for v, llm in llms.items():
-                _clear(llm)
+                clear_kv(llm)
                 t0 = time.perf_counter()
                 llm.eval(toks[:p])
                 prefill[v].append(p / (time.perf_counter() - t0))
 
         for v, llm in llms.items():
             echo(f"[bench] ctx {ctx} {v}: filling {fill} tokens")
-            _clear(llm)
+            clear_kv(llm)
             llm.eval(toks[:fill])
         decode = {v: [] for v in variants}
         for _ in range(repeats):
@@ -95,13 +91,13 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
                 for i in range(n_decode):
                     llm.eval([toks[fill + i]])
                 decode[v].append(n_decode / (time.perf_counter() - t0))
-                if not llm._ctx.kv_cache_seq_rm(0, fill, -1):
+                if not cut_kv(llm, fill):
                     raise KvtoolError("the cache refused to drop the decoded tail; cannot repeat the decode run")
                 llm.n_tokens = fill
 
         rows = []
         for v, llm in llms.items():
-            _, full, ring = kv_bytes(llm._ctx.ctx)
+            _, full, ring = kv_bytes(ctx_ptr(llm))
             rows.append(BenchRow(ctx, v, full + ring, full, ring, statistics.median(prefill[v]),
                                  statistics.median(decode[v]), prefill[v], decode[v]))
         return rows

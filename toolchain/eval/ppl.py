@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import KvtoolError
 from ..runtime.decode import eval_tokens
+from ..runtime.handles import window_bos
 from ..runtime.model import Model
 from .run import _budgets, _has_budgets, _progress, check_text, machine_info, resolve_variants
 
@@ -75,7 +76,7 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
         if n_chunks < 1:
             raise KvtoolError(f"{tp.name} has {len(toks)} tokens, fewer than one window of --n-ctx {n_ctx}")
         llm = full.llama
-        bos = llm.token_bos() if llm._model.add_bos_token() and llm.token_bos() >= 0 else None
+        bos = window_bos(llm)
         first = n_ctx // 2
         nll_f = nll_m = kl_sum = 0.0
         kl_max = 0.0

@@ -1,8 +1,8 @@
-"""The run-time beacon loop (ARCHITECTURE §5) on llama.cpp's low-level API.
+"""The run-time beacon loop (docs/architecture.md §5) on llama.cpp's low-level API.
 
 Every ``c`` generated tokens the loop decodes the beacon token at the next position, **then** removes the ``c`` chunk
 tokens before it with ``llama_memory_seq_rm(mem, seq, chunk_start, chunk_end)``. Positions stay as holes, so RoPE
-distances are the ones training used (``toolchain.attention.beacon_layout``): a token of chunk i sees the prompt, the
+distances are the ones training used (``toolchain.train.attention.beacon_layout``): a token of chunk i sees the prompt, the
 beacons b_1..b_{i-1} and the earlier tokens of chunk i. The beacon is decoded *before* the eviction because llama.cpp
 requires a batch to continue at ``seq_pos_max + 1``. The prompt is never evicted; beacon tokens are never yielded
 (nor sampled: the sampler gives the beacon id a -inf bias). Live KV cells then peak at

@@ -1,4 +1,4 @@
-"""Build and install the patched llama-cpp-python (ARCHITECTURE §6).
+"""Build and install the patched llama-cpp-python (docs/architecture.md §6).
 
 Why this shape:
 - We never vendor llama.cpp. The pinned llama-cpp-python sdist already carries it, so we patch that tree

@@ -7,7 +7,7 @@ kvtool needs on top:
   file's ``kvtool.kv.enabled`` through ``kv_overrides``, so one file A/B-tests a full cache against a mixed one;
 * flash attention defaults to ON for files with budgets. Without it llama.cpp stores V transposed and pads every
   layer's V rows to the largest per-layer head count ([TAG_V_CACHE_VARIABLE]), so per-layer masks would lose
-  their V savings (ARCHITECTURE §4);
+  their V savings (docs/architecture.md §4);
 * threads default to the physical core count: oversubscribing hyperthreads was measured to collapse throughput;
 * prefix reuse is guarded: llama.cpp keeps the cache from the previous call and only evaluates the new suffix, but
   a mixed cache can refuse a tail truncation (``llama_memory_seq_rm`` returns false once a ring has dropped cells

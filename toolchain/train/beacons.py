@@ -1,7 +1,7 @@
 """Beacon training (``kvtool train beacons``): Breadcrumbs Reasoning (arXiv 2510.13797), joint distillation + RL.
 
 Every ``c`` generated tokens the model decodes a learned beacon token, and the ``c`` tokens before it leave the KV
-cache (ARCHITECTURE §5). A model has to learn to write what it will still need into the beacon's KV entries. Recipe:
+cache (docs/architecture.md §5). A model has to learn to write what it will still need into the beacon's KV entries. Recipe:
 
 * **beacon token**: a new special token ``<|beacon|>`` is added to the tokenizer, the input embedding and an untied
   ``lm_head`` (rows initialised to the mean of the existing rows). ``reuse_token=ID`` takes an existing id instead
@@ -10,7 +10,7 @@ cache (ARCHITECTURE §5). A model has to learn to write what it will still need 
 * **teacher** = the same model with no beacons and a full cache: the LoRA model with its adapter disabled, or, with
   ``full=True``, a frozen copy made before any change. It samples rollouts on the task, scored by the task verifier;
 * **student** = the model with beacons. It sees each teacher rollout with a beacon after every ``c`` completion tokens
-  under the beacon mask (``toolchain.attention.use_segments``). Loss: token-level KL(teacher ‖ student) on every
+  under the beacon mask (``toolchain.train.attention.use_segments``). Loss: token-level KL(teacher ‖ student) on every
   completion token (``distill_on="correct"`` keeps only rollouts the verifier accepts), plus, when ``rl_weight > 0``,
   a GRPO term (group-normalised advantages, PPO-clip) on the student's *own* compressed-mode rollouts. That term is
   zero until the student earns reward with some variance inside a group, which is the paper's point: RL alone cannot
@@ -46,6 +46,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+
+from converters.beacon_checkpoint import KVTOOL_JSON
 
 from ..errors import KvtoolError
 from ..heads import write_atomic
@@ -85,7 +87,6 @@ from .common import (
 
 BEACON_TOKEN = "<|beacon|>"
 DEFAULT_INTERVAL = 16
-KVTOOL_JSON = "kvtool.json"
 JSON_FORMAT = "kvtool.beacons/1"
 CKPT_FORMAT = "kvtool.beacons-ckpt/1"
 RewardFn = Callable[[Problem, str], float]

@@ -416,7 +416,7 @@ def evaluate(model, n: int = 200, seed: int = 1_000_000, n_digits: int = N_DIGIT
              windows=None, sink: int = 4, task: str = TASK) -> dict:
     """Held-out exact match, token accuracy (free-running greedy vs the reference, position by position) and
     teacher-forced chain-of-thought loss. ``windows`` ([layer][kv head], 0 = full) evaluates a head mask with the
-    PyTorch reference attention (``toolchain.attention``), the same semantics as the runtime."""
+    PyTorch reference attention (``toolchain.train.attention``), the same semantics as the runtime."""
     import torch
 
     model.eval()

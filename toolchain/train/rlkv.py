@@ -1,7 +1,7 @@
 """RLKV gate training (``kvtool train heads``): which KV heads does reasoning need in full?
 
 Method (RLKV, arXiv 2510.08525). Every KV head (l, h) gets a gate α ∈ [0, 1], initialised to 1, that mixes its full
-attention with a sink + window ("stream") attention: ``out = α·full + (1 − α)·stream`` (``toolchain.attention``, the
+attention with a sink + window ("stream") attention: ``out = α·full + (1 − α)·stream`` (``toolchain.train.attention``, the
 same semantics the runtime implements). All model weights are frozen; only the L×H gates train, with
 
 * **GRPO without KL**: G completions per prompt sampled from the *gated* model, raw 0/1 rewards from the task's
