@@ -109,7 +109,7 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
 def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock", "mixed", "mixed+q8_0"),
               prompt: int = 2048, n_decode: int = 32, repeats: int = 3, n_ubatch: int = 512,
               n_threads: Optional[int] = None, seed: int = 0, echo: Callable[[str], None] = print) -> list[BenchRow]:
-    from converters.gguf_budgets import open_gguf
+    from converters.gguf_budgets import open_gguf, read_budgets
 
     from ..runtime.library import require_patched
     from ..runtime.threads import physical_cores
@@ -123,6 +123,10 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
     for v in variants:
         if v not in VARIANTS:
             raise KvtoolError(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
+    b = read_budgets(p)
+    if any(VARIANTS[v]["mixed"] for v in variants) and (b is None or b.head_window is None):
+        # checked before loading: the runtime refuses a kvtool.kv.enabled override on a file without budgets
+        raise KvtoolError(f"{path} has no kvtool budgets (mixed mode did not activate); convert it with --mask first")
     if repeats < 1 or n_decode < 1 or prompt < 1:
         raise KvtoolError("--repeats, --decode and --prompt must be >= 1")
     for c in ctxs:
