@@ -17,7 +17,7 @@ import tarfile
 from pathlib import Path
 
 from toolchain.paths import cache_root
-from toolchain.runtime import build
+from toolchain.sdist import SDIST_TOP, SDIST_VERSION, fetch_sdist
 
 MEMBERS = ("vendor/llama.cpp/tests/test-backend-ops.cpp", "vendor/llama.cpp/ggml/include/")
 
@@ -28,19 +28,19 @@ def _llama_cpp_sources(out_dir: Path, echo) -> Path:
     env = os.environ.get("KVTOOL_LLAMA_CPP_SRC")
     if env:
         return Path(env)
-    src_dir = out_dir / f"src-{build.SDIST_VERSION}"
+    src_dir = out_dir / f"src-{SDIST_VERSION}"
     llama_dir = src_dir / "vendor" / "llama.cpp"
     if (llama_dir / "tests" / "test-backend-ops.cpp").is_file():
         return llama_dir
-    sdist = build.fetch_sdist(echo)
+    sdist = fetch_sdist(echo)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"src-{build.SDIST_VERSION}.tmp"
+    tmp = out_dir / f"src-{SDIST_VERSION}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with tarfile.open(sdist) as tf:
-        picked = [m for m in tf.getmembers() if any(m.name.startswith(f"{build.SDIST_TOP}/{p}") for p in MEMBERS)]
+        picked = [m for m in tf.getmembers() if any(m.name.startswith(f"{SDIST_TOP}/{p}") for p in MEMBERS)]
         tf.extractall(tmp, members=picked)
     shutil.rmtree(src_dir, ignore_errors=True)
-    os.replace(tmp / build.SDIST_TOP, src_dir)
+    os.replace(tmp / SDIST_TOP, src_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     return llama_dir
 
@@ -57,7 +57,7 @@ def build_test_backend_ops(echo=print) -> Path:
     libs = sorted(lib.glob("libggml*.so"))
     assert libs, f"no libggml in {lib}"
     key = hashlib.sha256(b"".join(p.name.encode() + str(p.stat().st_size).encode() + str(p.stat().st_mtime_ns).encode()
-                                  for p in libs) + build.SDIST_VERSION.encode()).hexdigest()[:12]
+                                  for p in libs) + SDIST_VERSION.encode()).hexdigest()[:12]
     out_dir = cache_root() / "tools"
     exe = out_dir / f"test-backend-ops-{key}"
     if exe.is_file():

@@ -16,8 +16,9 @@ import pytest
 from toolchain.errors import KvtoolError
 from toolchain.runtime import build, cuda, export
 from toolchain.runtime.graph_splits import parse_splits
+from toolchain.sdist import SDIST_FILE, SDIST_TOP, fetch_sdist
 
-SDIST = Path.home() / ".cache" / "kvtool" / "sdist" / build.SDIST_FILE
+SDIST = Path.home() / ".cache" / "kvtool" / "sdist" / SDIST_FILE
 VK_PATCH = "vulkan-0001-headers-without-layer-settings.patch"
 
 
@@ -50,7 +51,7 @@ def test_backend_series_lists_existing_patches():
 @pytest.fixture(scope="module")
 def sdist_tree(tmp_path_factory):
     if not SDIST.exists():
-        build.fetch_sdist(lambda m: None)
+        fetch_sdist(lambda m: None)
     return build.extract_sdist(SDIST, tmp_path_factory.mktemp("sdist"))
 
 
@@ -171,10 +172,10 @@ def test_export_source_cuda_archive(tmp_path, monkeypatch):
     """The archive bench/gpu_check.sh carries: pre-patched, pruned, under 60 MiB, with kvtool's CMake arguments."""
     monkeypatch.setenv("KVTOOL_CACHE", str(tmp_path / "cache"))
     if not SDIST.exists():
-        build.fetch_sdist(lambda m: None)
+        fetch_sdist(lambda m: None)
     out = export.export_source(str(tmp_path / "src.tar.gz"), backend="cuda", sdist=str(SDIST), echo=lambda m: None)
     assert out.stat().st_size < export.MAX_BYTES
-    top = build.SDIST_TOP
+    top = SDIST_TOP
     with tarfile.open(out) as tf:
         names = set(tf.getnames())
         man = json.loads(tf.extractfile(f"{top}/{export.EXPORT_MANIFEST}").read())

@@ -18,6 +18,7 @@ from typing import Optional
 
 from ..errors import KvtoolError
 from ..paths import cache_root
+from ..sdist import SDIST_PROJECT, SDIST_TOP, SDIST_VERSION, fetch_sdist
 from . import build
 
 MAX_BYTES = 60 * 2**20
@@ -49,8 +50,8 @@ def prune(project: Path, backend: str) -> None:
 
 
 def manifest(phash: str, backend: str) -> dict:
-    return {"patch_hash": phash, "backend": backend, "sdist": f"{build.SDIST_PROJECT}=={build.SDIST_VERSION}",
-            "recipe": build.RECIPE_VERSION, "top": build.SDIST_TOP,
+    return {"patch_hash": phash, "backend": backend, "sdist": f"{SDIST_PROJECT}=={SDIST_VERSION}",
+            "recipe": build.RECIPE_VERSION, "top": SDIST_TOP,
             "cmake_args": [*build.COMMON_CMAKE_ARGS, *build.BACKEND_CMAKE_ARGS[backend],
                            f"-DKVTOOL_PATCH_HASH={phash}", f"-DKVTOOL_BACKEND={backend}"]}
 
@@ -63,7 +64,7 @@ def export_source(dest: str, backend: str = "cuda", sdist: Optional[str] = None,
         raise KvtoolError(f"--export-source wants a .tar.gz path, got {dest}")
     if not out.parent.is_dir():
         raise KvtoolError(f"directory does not exist: {out.parent}")
-    sdist_path = build.check_sdist(Path(sdist)) if sdist else build.fetch_sdist(echo)
+    sdist_path = build.check_sdist(Path(sdist)) if sdist else fetch_sdist(echo)
     phash = build.patch_hash(backend)
     cache_root().mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="export-", dir=cache_root()))
@@ -73,7 +74,7 @@ def export_source(dest: str, backend: str = "cuda", sdist: Optional[str] = None,
         prune(project, backend)
         (project / EXPORT_MANIFEST).write_text(json.dumps(manifest(phash, backend), indent=1) + "\n")
         with tarfile.open(tmp, "w:gz", compresslevel=9) as tf:
-            tf.add(project, arcname=build.SDIST_TOP)
+            tf.add(project, arcname=SDIST_TOP)
         size = tmp.stat().st_size
         if size > MAX_BYTES:
             raise KvtoolError(f"exported archive is {size / 2**20:.1f} MiB, over the {MAX_BYTES // 2**20} MiB limit")

@@ -10,10 +10,10 @@ import importlib.util
 import platform
 import sys
 
-from . import __version__
-from .paths import cache_root
-from .runtime.library import runtime_info
-from .runtime.threads import physical_cores
+from .. import __version__
+from ..paths import cache_root
+from ..runtime.library import runtime_info
+from ..runtime.threads import physical_cores
 
 # import name -> the `train` extra's distribution it comes from
 TRAIN_MODULES = {
@@ -38,7 +38,7 @@ def expected_patch_hash(backend: str = "cpu"):
     """The patch hash of this checkout's patches/ + cpp/ for ``backend`` (a GPU backend may add its own series;
     docs/gpu.md). None when they are not available, e.g. a plain wheel."""
     try:
-        from .runtime.build import patch_hash
+        from ..runtime.build import patch_hash
 
         return patch_hash(backend)
     except (OSError, ValueError):
