@@ -22,6 +22,7 @@ def measure(path: str, ctx: int, gpu_layers: int, ubatch: int = 512) -> dict:
 
     from converters.gguf_budgets import read_budgets
     from toolchain.runtime.graph_splits import load_with_splits
+    from toolchain.runtime.handles import ctx_ptr
     from toolchain.runtime.library import kv_buffers, kv_bytes
     from toolchain.runtime.memory import dims_from_gguf, predict
 
@@ -34,10 +35,10 @@ def measure(path: str, ctx: int, gpu_layers: int, ubatch: int = 512) -> dict:
     row = {"ctx": ctx, "gpu_layers": gpu_layers, "formula_stock_bytes": plan.stock_bytes,
            "formula_mixed_bytes": plan.mixed_bytes}
     for name, mixed in (("stock", False), ("mixed", True)):
-        llm, (pp, tg) = load_with_splits(lambda: mk(mixed))
-        active, full, ring = kv_bytes(llm._ctx.ctx)
+        llm, (pp, tg) = load_with_splits(lambda m=mixed: mk(m))
+        active, full, ring = kv_bytes(ctx_ptr(llm))
         row[name] = {"mixed_active": active, "kv_bytes": full + ring, "splits_pp": pp, "splits_tg": tg,
-                     "kv_buffers": kv_buffers(llm._ctx.ctx)}
+                     "kv_buffers": kv_buffers(ctx_ptr(llm))}
         llm.close()
     row["splits_equal"] = (row["stock"]["splits_pp"], row["stock"]["splits_tg"]) == \
                           (row["mixed"]["splits_pp"], row["mixed"]["splits_tg"])

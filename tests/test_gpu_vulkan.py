@@ -16,8 +16,8 @@ os.environ.setdefault("GGML_VK_VISIBLE_DEVICES", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
 from helpers_runtime import load, runtime_logits, write_windows  # noqa: E402
+
 from toolchain.runtime.graph_splits import load_with_splits  # noqa: E402
 from toolchain.runtime.library import kv_buffers, kv_bytes, runtime_info  # noqa: E402
 
@@ -46,8 +46,9 @@ def _on_gpu(buffers) -> bool:
 def tiny(request, tmp_path_factory):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from converters.hf_to_gguf import hf_to_gguf
     from helpers_models import make_tiny_hf
+
+    from converters.hf_to_gguf import hf_to_gguf
 
     d = tmp_path_factory.mktemp(f"gpu-tiny-{request.param}")
     hf = make_tiny_hf(d / "hf", arch=request.param, n_layer=3, n_head=4, n_head_kv=2, head_dim=16, vocab=100, seed=1)
