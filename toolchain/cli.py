@@ -12,6 +12,7 @@ import sys
 import click
 
 from . import __version__
+from .commands.offload_option import gpu_layers_option
 from .errors import KvtoolError
 
 BACKENDS = ["cpu", "cuda", "metal", "vulkan"]
@@ -77,10 +78,11 @@ def fetch(name):
 @click.option("--repeats", default=3, show_default=True, help="Runs per figure (the median is reported).")
 @click.option("--ubatch", default=512, show_default=True)
 @click.option("--threads", type=int, default=None, help="Default: physical cores.")
+@gpu_layers_option()
 @click.option("--json", "as_json", is_flag=True, help="Print rows as JSON.")
 @click.option("--md", "md_out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown table here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="PNG of decode tok/s and KV bytes vs context.")
-def bench(model, ctx, variants, prompt, n_decode, repeats, ubatch, threads, as_json, md_out, plot_out):
+def bench(model, ctx, variants, prompt, n_decode, repeats, ubatch, threads, gpu_layers, as_json, md_out, plot_out):
     """Same file, mixed KV off vs on (vs on + q8_0): KV bytes, prefill and decode tok/s."""
     from . import bench as b
 
@@ -89,7 +91,7 @@ def bench(model, ctx, variants, prompt, n_decode, repeats, ubatch, threads, as_j
     except ValueError:
         raise KvtoolError(f"--ctx must be comma-separated integers, got {ctx!r}")
     rows = b.run_bench(model, ctxs, [v.strip() for v in variants.split(",") if v.strip()], prompt, n_decode, repeats,
-                       ubatch, threads, echo=_echo)
+                       ubatch, threads, echo=_echo, gpu_layers=gpu_layers)
     table = b.markdown(rows)
     if md_out:
         from .heads import write_atomic

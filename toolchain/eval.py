@@ -466,10 +466,12 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
              variants: Optional[Sequence[str]] = None, max_tokens: int = 512, n_ctx: Optional[int] = None,
              n_ubatch: int = 512, cache_type: str = "f16", threads: Optional[int] = None,
              out: Optional[str | os.PathLike] = None, plot: Optional[str | os.PathLike] = None,
-             progress: bool = True, echo: Echo = lambda m: None) -> dict:
+             progress: bool = True, echo: Echo = lambda m: None, gpu_layers=None) -> dict:
     """Evaluate every (file, variant) on ``n`` problems of ``task``; returns the result dict (also written to
-    ``out`` as JSON when given, with the per-problem JSONL next to it)."""
+    ``out`` as JSON when given, with the per-problem JSONL next to it). ``gpu_layers``: N, "all" or None (the
+    runtime's default), resolved once for every load."""
     from .runtime.model import Model
+    from .runtime.offload import parse_gpu_layers, resolve_gpu_layers
     from .tasks import make_dataset, score
 
     if n < 1:
@@ -482,7 +484,9 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
     plot_p = _check_writable(plot, "plot")
     if out_p is not None and plot_p is not None and out_p.resolve() == plot_p.resolve():
         raise KvtoolError("--out and --plot name the same file")
+    parse_gpu_layers(gpu_layers)
     vs = resolve_variants(models, variants)
+    gpu_layers = resolve_gpu_layers(gpu_layers)
     load_task_providers()
     problems = make_dataset(task, n, seed)
     task_name = task.partition(":")[0].strip()
@@ -509,7 +513,8 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                 if ctx_len is None:
                     # prompt lengths need the model's tokenizer: load once to measure them
                     model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons)
+                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons,
+                                       n_gpu_layers=gpu_layers)
                     longest = max(len(_prompt_tokens(model, p)[0]) for p in problems)
                     ctx_len = longest + max_tokens + 1
                     model.close()
@@ -519,7 +524,8 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                 todo = [i for i, r in enumerate(recs) if r is None]
                 if todo:
                     model = Model.load(v.path, n_ctx=ctx_len, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons)
+                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons,
+                                       n_gpu_layers=gpu_layers)
                     stats = model.kv_stats()
                     bpc = _bytes_per_cell(model)
                     bar = _progress(len(todo), f"{v.label}", progress, skipped=n - len(todo))
@@ -791,10 +797,12 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: int = 512,
             max_tokens: Optional[int] = None, n_ubatch: int = 512, cache_type: str = "f32",
             threads: Optional[int] = None, mixed: Optional[bool] = None, progress: bool = True,
-            echo: Echo = lambda m: None) -> dict:
+            echo: Echo = lambda m: None, gpu_layers=None) -> dict:
     """Perplexity of the full load and, when the file has budgets (or ``mixed=True``), of the mixed load, with the
-    mean KL(full || mixed) per scored token. ``mixed=False`` computes the full perplexity only."""
+    mean KL(full || mixed) per scored token. ``mixed=False`` computes the full perplexity only.
+    ``gpu_layers``: as ``run_eval``, resolved once for both loads."""
     from .runtime.model import Model
+    from .runtime.offload import parse_gpu_layers, resolve_gpu_layers
 
     p = Path(model_path).expanduser()
     tp = Path(text_path).expanduser() if str(text_path) != "verne" else default_ppl_text()
@@ -807,14 +815,17 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
     if mixed and not _has_budgets(b):
         resolve_variants([p], ["mixed"])  # raises the explained error
     do_mixed = _has_budgets(b) if mixed is None else bool(mixed)
+    parse_gpu_layers(gpu_layers)
     raw = tp.read_bytes()
     text = raw.decode("utf-8", errors="replace")
+    gpu_layers = resolve_gpu_layers(gpu_layers)
     full = Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
-                      mixed=False if _has_budgets(b) else None)
+                      mixed=False if _has_budgets(b) else None, n_gpu_layers=gpu_layers)
     mix = None
     try:
         if do_mixed:
-            mix = Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type, mixed=True)
+            mix = Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type, mixed=True,
+                             n_gpu_layers=gpu_layers)
         check_text(full, text)
         toks = full.tokenize(text, add_bos=False)
         if max_tokens:
