@@ -49,7 +49,7 @@ def build_runtime_cmd(backend, portable, jobs, sdist, rebuild):
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(as_json):
-    """Report versions, whether the patched runtime is loaded, and optional extras."""
+    """Report versions, the patched runtime, its backend and devices (free/total memory), and optional extras."""
     from .doctor import collect
 
     info = collect()
@@ -57,7 +57,14 @@ def doctor(as_json):
         click.echo(json.dumps(info, indent=2))
         return
     for k, v in info.items():
+        if k == "devices":
+            continue
         click.echo(f"{k:22s} {v}")
+    devs = info["devices"]
+    click.echo(f"{'devices':22s} {len(devs) if devs is not None else 'unknown (rebuild the runtime)'}")
+    for d in devs or []:
+        click.echo(f"  {d['name']:20s} {d['type']:5s} {d['free_bytes'] / 2**20:.0f} MiB free / "
+                   f"{d['total_bytes'] / 2**20:.0f} MiB total  ({d['description']})")
 
 
 @cli.command()

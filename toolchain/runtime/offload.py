@@ -66,9 +66,7 @@ def resolve_gpu_layers(value: object, available: Optional[bool] = None, warn: Ca
         from .library import runtime_info
 
         backend = runtime_info().get("backend") or "cpu"
-        label = f"{what} {n}" if what.startswith("-") else f"{what}={n!r}"
-        warn(f"{label} asks for GPU layers, but this runtime ({backend} build) has no GPU device; "
-             f"running on the CPU")
+        warn(f"GPU layers requested ({n}), but this runtime ({backend} build) has no GPU device; running on the CPU")
         return 0
     return n
 
