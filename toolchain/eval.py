@@ -469,7 +469,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
              progress: bool = True, echo: Echo = lambda m: None, gpu_layers=None) -> dict:
     """Evaluate every (file, variant) on ``n`` problems of ``task``; returns the result dict (also written to
     ``out`` as JSON when given, with the per-problem JSONL next to it). ``gpu_layers``: N, "all" or None (the
-    runtime's default), resolved once for every load."""
+    runtime's default), resolved once after the input checks."""
     from .runtime.model import Model
     from .runtime.offload import parse_gpu_layers, resolve_gpu_layers
     from .tasks import make_dataset, score
@@ -486,7 +486,6 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
         raise KvtoolError("--out and --plot name the same file")
     parse_gpu_layers(gpu_layers)
     vs = resolve_variants(models, variants)
-    gpu_layers = resolve_gpu_layers(gpu_layers)
     load_task_providers()
     problems = make_dataset(task, n, seed)
     task_name = task.partition(":")[0].strip()
@@ -505,6 +504,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
         log_f.close()
         log_f = open(log_p, "a", encoding="utf-8")
     all_recs: dict[str, list[dict]] = {}
+    gpu_layers = resolve_gpu_layers(gpu_layers)
     try:
         for v in vs:
             ctx_len = n_ctx
@@ -800,7 +800,7 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
             echo: Echo = lambda m: None, gpu_layers=None) -> dict:
     """Perplexity of the full load and, when the file has budgets (or ``mixed=True``), of the mixed load, with the
     mean KL(full || mixed) per scored token. ``mixed=False`` computes the full perplexity only.
-    ``gpu_layers``: as ``run_eval``, resolved once for both loads."""
+    ``gpu_layers``: as ``run_eval``."""
     from .runtime.model import Model
     from .runtime.offload import parse_gpu_layers, resolve_gpu_layers
 

@@ -63,9 +63,6 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
                 raise KvtoolError(f"unknown variant {bad[0]!r} (choose from full, mixed, auto)")
             mixed = True if "mixed" in vlist else (False if vlist == ["full"] else None)
         out_p = ev._check_writable(out, "output")
-        from ..runtime.offload import resolve_gpu_layers
-
-        gpu_layers = resolve_gpu_layers(gpu_layers)  # once for every file: one warning at most
         results = []
         for m in models:
             results.append(ev.run_ppl(m, ppl, n_ctx=n_ctx or 512, max_tokens=ppl_tokens, n_ubatch=n_ubatch,

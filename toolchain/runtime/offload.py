@@ -43,18 +43,26 @@ def parse_gpu_layers(value: object, what: str = "--gpu-layers") -> Optional[GpuL
     return n
 
 
-def _warn(msg: str) -> None:
+_warned: set = set()  # messages already printed by this process (``eval`` and ``bench`` load several models)
+
+
+def _warn_once(msg: str) -> None:
+    if msg in _warned:
+        return
+    _warned.add(msg)
     sys.stderr.write(f"kvtool: warning: {msg}\n")
     sys.stderr.flush()
 
 
-def resolve_gpu_layers(value: object, available: Optional[bool] = None, warn: Callable[[str], None] = _warn,
-                       what: str = "--gpu-layers") -> GpuLayers:
+def resolve_gpu_layers(value: object, available: Optional[bool] = None,
+                       warn: Optional[Callable[[str], None]] = None, what: str = "--gpu-layers") -> GpuLayers:
     """The layers to offload for this runtime: ``"all"`` or an int >= 0. ``available`` None asks the loaded runtime.
 
-    A request for GPU layers (``"all"`` or N > 0) on a runtime that cannot offload gives exactly one ``warn`` call
-    and 0, so resolving once per command and passing the result on never warns twice.
+    A request for GPU layers (``"all"`` or N > 0) on a runtime that cannot offload gives one ``warn`` call and 0.
+    The default ``warn`` prints a ``kvtool: warning:`` line once per process, however many models a command loads;
+    commands resolve after their cheap input checks, so a bad argument is still a single error line.
     """
+    warn = warn or _warn_once
     n = parse_gpu_layers(value, what)
     if available is None:
         from .library import gpu_offload_available
