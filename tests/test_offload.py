@@ -349,3 +349,28 @@ def test_eval_ppl_warns_once_for_both_loads(patched_runtime, mixed_tiny, tmp_pat
     assert len(warnings) == 1 and "GPU layers requested (3)" in warnings[0], res.stderr
     r = json.loads(res.stdout)[0]
     assert r["ppl_full"] > 0 and r["ppl_mixed"] > 0  # both loads ran (full, then mixed)
+
+
+def test_c_api_bounds(patched_runtime, tiny_gguf):
+    """The contract the Vulkan tests build on: an index past the end is -1, and a NULL context has no buffers."""
+    import ctypes
+
+    from toolchain import Model
+    from toolchain.runtime.library import _fn
+
+    n = _fn("kvtool_kv_n_buffers", ctypes.c_int, [ctypes.c_void_p])
+    info = _fn("kvtool_kv_buffer_info", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                                       ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)])
+    dev = _fn("kvtool_device_info", ctypes.c_int, [ctypes.c_int] + [ctypes.POINTER(ctypes.c_char_p)] * 3
+              + [ctypes.POINTER(ctypes.c_size_t)] * 2)
+    n_dev = _fn("kvtool_n_devices", ctypes.c_int, [])
+    assert n(None) == 0
+    with Model.load(tiny_gguf, n_ctx=256, n_threads=1) as m:
+        ctx = m.llama._ctx.ctx
+        k = n(ctx)
+        assert k == 1
+        g, name, size = ctypes.c_int(7), ctypes.c_char_p(), ctypes.c_size_t(0)
+        assert info(ctx, 0, ctypes.byref(g), ctypes.byref(name), ctypes.byref(size)) == 0
+        assert (g.value, name.value, size.value) == (0, b"CPU", m.kv_stats()["allocated_bytes"])
+        assert info(ctx, k, None, None, None) == -1 and info(ctx, -1, None, None, None) == -1
+    assert dev(n_dev(), None, None, None, None, None) == -1 and dev(-1, None, None, None, None, None) == -1
