@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers_runtime import write_windows
+
 from toolchain.cli import main
 from toolchain.errors import KvtoolError
 from toolchain.runtime.offload import ALL, device_layers, llama_value, parse_gpu_layers, resolve_gpu_layers
@@ -229,7 +229,7 @@ def test_generate_warns_once_and_runs(patched_runtime, smollm2):
 
 # ------------------------------------------------------------------------------------------------- doctor
 def test_doctor_lists_the_devices(patched_runtime):
-    from toolchain.doctor import collect
+    from toolchain.commands.doctor import collect
 
     info = collect()
     devs = info["devices"]
@@ -270,9 +270,9 @@ def test_inspect_all_layers_puts_every_kv_byte_on_the_device(mixed_tiny):
 
 
 def test_inspect_partial_offload_and_fit(mixed_tiny):
+    from converters.gguf_budgets import read_budgets
     from toolchain.commands.inspect import inspect_report
     from toolchain.runtime.memory import dims_from_gguf, predict
-    from converters.gguf_budgets import read_budgets
 
     dims, b = dims_from_gguf(mixed_tiny), read_budgets(mixed_tiny)
     plan = predict(dims, b.head_window, b.sink, 1024, 32, 1, "f16", "f16", True)
@@ -313,8 +313,8 @@ def test_plan_with_device_memory(smollm2, tmp_path):
     for name, wins, cache in (("full", None, "f16"), ("mixed", b.head_window, "f16"), ("mixed+q8_0", b.head_window, "q8_0")):
         c = r["plans"][name]["max_ctx"]
         assert c > 0
-        dev = lambda n: predict(dims, wins, b.sink, n, 32, 1, cache, cache, True,  # noqa: E731
-                                mixed=wins is not None).device_bytes(30)
+        def dev(n, wins=wins, cache=cache):
+            return predict(dims, wins, b.sink, n, 32, 1, cache, cache, True, mixed=wins is not None).device_bytes(30)
         assert weights + dev(c) <= budget < weights + dev(c + 256), name
         assert r["plans"][name]["kv_device_bytes"] == dev(c)
     assert r["plans"]["mixed"]["max_ctx"] > r["plans"]["full"]["max_ctx"]

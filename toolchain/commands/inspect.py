@@ -12,7 +12,8 @@ from typing import Optional
 import click
 
 from ..errors import KvtoolError
-from ..runtime.memory import CACHE_TYPES, KVPlan, ModelDims, dims_from_gguf, predict
+from ..gguf_keys import cache_type as check_cache_type
+from ..runtime.memory import KVPlan, ModelDims, dims_from_gguf, predict
 from ..runtime.offload import device_layers, weights_on_device
 from .offload_option import gpu_layers_option
 
@@ -38,11 +39,6 @@ def _load(model: str):
     return dims, read_budgets(model)
 
 
-def _check_cache(cache_type: str) -> None:
-    if cache_type not in CACHE_TYPES:
-        raise KvtoolError(f"unknown cache type {cache_type!r} (choose from {', '.join(CACHE_TYPES)})")
-
-
 def offload_report(model: str, dims: ModelDims, plan: KVPlan, gpu_layers, mem: Optional[int]) -> dict:
     """What the device holds for ``gpu_layers``: the weights of the offloaded layers and their KV (the KV of the
     layers left on the CPU stays in host memory), and whether that fits in ``mem`` bytes of device memory."""
@@ -57,7 +53,7 @@ def offload_report(model: str, dims: ModelDims, plan: KVPlan, gpu_layers, mem: O
 def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type: str, flash_attn: bool,
                    gpu_layers=None, mem: Optional[int] = None) -> dict:
     """``gpu_layers`` (N or "all") adds the device split; ``mem`` is then device memory, else the KV budget."""
-    _check_cache(cache_type)
+    check_cache_type(cache_type)
     dims, b = _load(model)
     windows = b.head_window if b else None
     plan = predict(dims, windows, b.sink if b else 0, n_ctx, n_ubatch, n_seq, cache_type, cache_type, flash_attn,

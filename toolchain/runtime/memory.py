@@ -18,14 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import KvtoolError
-
-# ggml block size and bytes per block of the cache types llama.cpp accepts for K/V
-CACHE_TYPES = {
-    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2),
-    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "iq4_nl": (32, 18),
-}
-# ggml_type enum values, for llama_context_params.type_k/type_v
-GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+from ..gguf_keys import CACHE_TYPES, cache_type
 
 
 def pad(x: int, n: int) -> int:
@@ -33,7 +26,7 @@ def pad(x: int, n: int) -> int:
 
 
 def row_bytes(cache_type: str, n: int) -> int:
-    blck, size = CACHE_TYPES[cache_type]
+    blck, size = CACHE_TYPES[cache_type][1:]
     if n % blck:
         raise KvtoolError(f"cache type {cache_type} needs rows that are a multiple of {blck} values, got {n}")
     return n // blck * size
@@ -94,8 +87,9 @@ def dims_from_gguf(path: str | Path) -> ModelDims:
     return ModelDims(arch, n_layer, heads, dk, dv, int(ctx_train) if ctx_train else None)
 
 
-def _layer_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
-                 type_k: str, type_v: str, flash_attn: bool) -> list[int]:
+def layer_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
+                type_k: str, type_v: str, flash_attn: bool) -> list[int]:
+    """Bytes of each layer of one cache (0 for a layer filtered out of it); they sum to ``cache_bytes``."""
     v_max = max(dims.head_dim_v * h for h in heads_per_layer)
     out = []
     for h in heads_per_layer:
@@ -107,9 +101,9 @@ def _layer_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, st
     return out
 
 
-def _cache_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
-                 type_k: str, type_v: str, flash_attn: bool) -> int:
-    return sum(_layer_bytes(dims, heads_per_layer, cells, streams, type_k, type_v, flash_attn))
+def cache_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
+                type_k: str, type_v: str, flash_attn: bool) -> int:
+    return sum(layer_bytes(dims, heads_per_layer, cells, streams, type_k, type_v, flash_attn))
 
 
 def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: int, n_ctx: int,
@@ -118,8 +112,7 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
     """Bytes the runtime allocates for these settings; ``windows`` [layer][head] (0 = full) or None for stock."""
     type_v = type_v or type_k
     for t in (type_k, type_v):
-        if t not in CACHE_TYPES:
-            raise KvtoolError(f"unknown cache type {t!r} (choose from {', '.join(CACHE_TYPES)})")
+        cache_type(t)
     if n_ctx < 1 or n_ubatch < 1 or n_seq < 1:
         raise KvtoolError("n_ctx, n_ubatch and n_seq must be >= 1")
     n_ctx_pad = pad(n_ctx, 256)
@@ -128,7 +121,7 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
     else:
         n_ctx_seq = pad(n_ctx_pad // n_seq, 256)
     streams = 1 if unified else n_seq
-    stock_layers = _layer_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
+    stock_layers = layer_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
     stock = sum(stock_layers)
 
     def eff(w: int) -> int:
@@ -145,13 +138,13 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
     for w in groups:
         per_layer = [sum(1 for x in row if eff(x) == w) for row in windows]
         if w == 0:
-            lb = _layer_bytes(dims, per_layer, n_ctx_seq, streams, type_k, type_v, flash_attn)
+            lb = layer_bytes(dims, per_layer, n_ctx_seq, streams, type_k, type_v, flash_attn)
             full_bytes = sum(lb)
         else:
             need = (w + sink) * (n_seq if unified else 1) + n_ubatch
             cells = min(n_ctx_seq, pad(min(n_ctx_seq, need), 256))
             ring_cells[w] = cells
-            lb = _layer_bytes(dims, per_layer, cells, streams, type_k, type_v, flash_attn)
+            lb = layer_bytes(dims, per_layer, cells, streams, type_k, type_v, flash_attn)
             ring_bytes += sum(lb)
         layers = [a + b for a, b in zip(layers, lb)]
     return KVPlan(n_ctx_pad, n_ctx_seq, stock, full_bytes, ring_bytes, n_ctx_seq if 0 in groups else 0,
