@@ -76,28 +76,3 @@ def build_test_backend_ops(echo=print) -> Path:
     os.replace(partial, exe)
     return exe
 
-
-def kv_buffers_contract(ctx) -> list[dict]:
-    """Until the `ngl` branch (issue 15 point 1) is merged: its agreed C API read directly, with the same result
-    shape as its ``toolchain.runtime.library.kv_buffers``. Fails (not skips) when the runtime lacks the symbols."""
-    import ctypes
-
-    import llama_cpp.llama_cpp as lc
-    import pytest
-
-    lib = lc._lib
-    try:
-        n, info = lib.kvtool_kv_n_buffers, lib.kvtool_kv_buffer_info
-    except AttributeError:
-        pytest.fail("the runtime has no kvtool_kv_buffer_info (the ngl branch's C API, issue 15 point 1)")
-    n.restype, n.argtypes = ctypes.c_int, [ctypes.c_void_p]
-    info.restype = ctypes.c_int
-    info.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_char_p),
-                     ctypes.POINTER(ctypes.c_size_t)]
-    out = []
-    for i in range(n(ctx)):
-        group, name, size = ctypes.c_int(0), ctypes.c_char_p(), ctypes.c_size_t(0)
-        if info(ctx, i, ctypes.byref(group), ctypes.byref(name), ctypes.byref(size)) == 0:
-            out.append({"group": "ring" if group.value == 1 else "full", "device": name.value.decode(),
-                        "bytes": int(size.value)})
-    return out

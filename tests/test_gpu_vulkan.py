@@ -19,12 +19,7 @@ import pytest  # noqa: E402
 from helpers_runtime import load, runtime_logits, write_windows  # noqa: E402
 
 from toolchain.runtime.graph_splits import load_with_splits  # noqa: E402
-from toolchain.runtime.library import kv_bytes, runtime_info  # noqa: E402
-
-try:
-    from toolchain.runtime.library import kv_buffers
-except ImportError:  # the ngl branch (issue 15 point 1) is not merged yet: its agreed C API, read directly
-    from helpers_gpu import kv_buffers_contract as kv_buffers
+from toolchain.runtime.library import kv_buffers, kv_bytes, runtime_info  # noqa: E402
 
 GPU_PREFIX = {"vulkan": "Vulkan", "cuda": "CUDA"}
 BACKEND = runtime_info()["backend"]
@@ -68,7 +63,7 @@ def tiny(request, tmp_path_factory):
 
 def test_parity_all_layers_offloaded(tiny):
     """F32 weights and KV, FA off: the same 1e-3 bound as the CPU parity tests, at ubatch 1, 7 and 64."""
-    from toolchain.attention import reference_logits
+    from toolchain.train.attention import reference_logits
 
     torch = tiny["torch"]
     path = write_windows(tiny["gguf"], tiny["dir"] / "mixed.gguf", tiny["windows"], S)
@@ -81,7 +76,7 @@ def test_parity_all_layers_offloaded(tiny):
 def test_parity_flash_attention(tiny):
     """FA on: the backend's FA kernel has its own error (F16 K/V). The mixed path may stray from the reference no
     more than stock under FA on the same device strays from it (x3, plus the F32 tolerance), as on the CPU."""
-    from toolchain.attention import reference_logits
+    from toolchain.train.attention import reference_logits
 
     torch = tiny["torch"]
     path = write_windows(tiny["gguf"], tiny["dir"] / "mixed-fa.gguf", tiny["windows"], S)
@@ -100,8 +95,8 @@ def test_parity_smollm2_f32(smollm2_f32, tmp_path):
     """The real model at F32, half of its 90 KV heads compressed (S=4, W=32), all 30 layers offloaded."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from toolchain.attention import reference_logits
     from toolchain.heads import random_mask
+    from toolchain.train.attention import reference_logits
 
     hf, gguf = smollm2_f32
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
