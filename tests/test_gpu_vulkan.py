@@ -61,16 +61,28 @@ def tiny(request, tmp_path_factory):
     return {"dir": d, "gguf": gguf, "model": model, "tokens": tokens, "torch": torch, "windows": windows.tolist()}
 
 
+def bound(stock_err: float) -> float:
+    """The CPU tests' rule: 1e-3 where the backend's own arithmetic meets it (stock is within 1e-3 of the reference);
+    where it does not, the mixed path may stray no more than 3x stock's own error + 1e-3, as for FA on the CPU.
+    On lavapipe the batched matmuls (ubatch > 1 with every layer offloaded) are not F32-exact even for stock:
+    about 1e-2 from the reference (docs/gpu.md), so there the second clause applies."""
+    return TOL if stock_err <= TOL else 3 * stock_err + TOL
+
+
 def test_parity_all_layers_offloaded(tiny):
-    """F32 weights and KV, FA off: the same 1e-3 bound as the CPU parity tests, at ubatch 1, 7 and 64."""
+    """F32 weights and KV, FA off, ubatch 1, 7 and 64; the mixed path against the reference, held to ``bound``."""
     from toolchain.train.attention import reference_logits
 
     torch = tiny["torch"]
     path = write_windows(tiny["gguf"], tiny["dir"] / "mixed.gguf", tiny["windows"], S)
-    ref = reference_logits(tiny["model"], torch.tensor(tiny["tokens"]), tiny["windows"], S).numpy()
+    ids = torch.tensor(tiny["tokens"])
+    ref = reference_logits(tiny["model"], ids, tiny["windows"], S).numpy()
+    ref_full = reference_logits(tiny["model"], ids, 0, S).numpy()
     for ubatch in (1, 7, 64):
+        stock_err = float(np.abs(runtime_logits(_gpu(tiny["gguf"], n_ubatch=ubatch), tiny["tokens"]) - ref_full).max())
         err = float(np.abs(runtime_logits(_gpu(path, n_ubatch=ubatch), tiny["tokens"]) - ref).max())
-        assert err <= TOL, f"ubatch {ubatch}: max |dlogit| = {err}"
+        assert err <= bound(stock_err), f"ubatch {ubatch}: max |dlogit| = {err} (stock {stock_err})"
+    assert stock_err < 0.1  # the backend itself is sane: a broken kernel is not excused by a broken stock run
 
 
 def test_parity_flash_attention(tiny):
@@ -104,11 +116,13 @@ def test_parity_smollm2_f32(smollm2_f32, tmp_path):
     windows = [[0 if full else W for full in row] for row in mask.full]
     path = write_windows(gguf, tmp_path / "smol-f32-masked.gguf", windows, S)
     tokens = np.random.default_rng(0).integers(100, 40000, size=160).tolist()
-    ref = reference_logits(model, torch.tensor(tokens), windows, S).numpy()
+    ids = torch.tensor(tokens)
+    ref = reference_logits(model, ids, windows, S).numpy()
+    ref_full = reference_logits(model, ids, 0, S).numpy()
     for ubatch, n in ((64, 160), (7, 160), (1, 60)):
-        got = runtime_logits(_gpu(path, n_ubatch=ubatch), tokens[:n])
-        err = float(np.abs(got - ref[:n]).max())
-        assert err <= TOL, f"ubatch {ubatch}: max |dlogit| = {err}"
+        stock_err = float(np.abs(runtime_logits(_gpu(gguf, n_ubatch=ubatch), tokens[:n]) - ref_full[:n]).max())
+        err = float(np.abs(runtime_logits(_gpu(path, n_ubatch=ubatch), tokens[:n]) - ref[:n]).max())
+        assert err <= bound(stock_err), f"ubatch {ubatch}: max |dlogit| = {err} (stock {stock_err})"
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -142,8 +156,9 @@ def test_kv_buffers_of_both_groups_on_the_device(tiny_gguf, tmp_path):
     assert mixed and sum(b["bytes"] for b in bufs if b["group"] == "full") == full
     assert sum(b["bytes"] for b in bufs if b["group"] == "ring") == ring
     # the oracle can fail: without offload the same cache is reported on the CPU
-    cpu = kv_buffers(_gpu(masked, n_ubatch=64, f32_kv=False, n_gpu_layers=0)._ctx.ctx)
-    assert cpu and all(b["device"] == "CPU" for b in cpu), cpu
+    on_cpu = _gpu(masked, n_ubatch=64, f32_kv=False, n_gpu_layers=0)  # held: the context dies with the object
+    cpu = kv_buffers(on_cpu._ctx.ctx)
+    assert {b["group"] for b in cpu} == {"full", "ring"} and all(b["device"] == "CPU" for b in cpu), cpu
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
