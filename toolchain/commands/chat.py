@@ -278,6 +278,17 @@ def _restore_sigint(old) -> None:
             pass
 
 
+def _stdin_line() -> Optional[str]:
+    """One line of piped stdin as UTF-8 (None at the end); other bytes are one KvtoolError line."""
+    from ..validate import decode_text
+
+    buf = getattr(sys.stdin, "buffer", None)
+    if buf is None:  # a text stream without bytes underneath (tests, embedding)
+        return sys.stdin.readline() or None
+    raw = buf.readline()
+    return decode_text(raw, "stdin") if raw else None
+
+
 def repl(session: ChatSession, interactive: bool, prompt: str = ">>> ") -> None:
     save = _setup_readline() if interactive else None
     try:
@@ -286,10 +297,12 @@ def repl(session: ChatSession, interactive: bool, prompt: str = ">>> ") -> None:
                 if interactive:
                     line = input(_readline_prompt(prompt, session.tty))
                 else:
-                    line = sys.stdin.readline()
-                    if not line:
+                    line = _stdin_line()
+                    if line is None:
                         break
                     line = line.rstrip("\n")
+            except UnicodeDecodeError as e:
+                raise KvtoolError(f"stdin: not UTF-8 text ({e.reason})") from None
             except EOFError:
                 if interactive:
                     session.say("", err=False)

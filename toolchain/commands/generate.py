@@ -85,15 +85,18 @@ def read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
         raise KvtoolError("give exactly one of -p TEXT or -f FILE")
     if prompt is not None:
         return prompt
+    from ..validate import check_input_path, decode_text
+
     if file == "-":
-        return sys.stdin.read()
-    p = Path(file)
+        buf = getattr(sys.stdin, "buffer", None)
+        return sys.stdin.read() if buf is None else decode_text(buf.read(), "stdin")
+    p = check_input_path(file)
     if not p.is_file():
-        raise KvtoolError(f"{p}: no such file")
+        raise KvtoolError(f"{p}: not a regular file")
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise KvtoolError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return decode_text(p.read_bytes(), str(p))
+    except OSError as e:
+        raise KvtoolError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
 @click.command("generate")

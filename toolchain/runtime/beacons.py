@@ -394,11 +394,22 @@ def generate_with_beacons(model, prompt: Union[str, Sequence[int]], max_tokens: 
             rec.decode_s = now - t_first
             yield tok
 
+    def guarded(toks: Iterator[int]) -> Iterator[int]:
+        """Checks before each step that the owning Model is open: the step would decode on a freed context."""
+        while True:
+            if owner is not None and getattr(owner, "closed", False):
+                raise KvtoolError("model is closed")
+            try:
+                tok = next(toks)
+            except StopIteration:
+                return
+            yield tok
+
     def run() -> Iterator[str]:
         toks = gen.generate(tokens, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed)
         try:
-            for piece in _stop_filter(_utf8_pieces(llm, timed(toks)), stops,
+            for piece in _stop_filter(_utf8_pieces(llm, timed(guarded(toks))), stops,
                                       lambda: stopped.__setitem__("text", True)):
                 if owner is not None and owner._gen_id != my_id:
                     raise KvtoolError("this stream was superseded by a newer generate/chat call on the same Model")

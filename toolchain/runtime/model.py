@@ -146,6 +146,20 @@ def _llama_class():
     return _KvLlama
 
 
+class _Closed:
+    """Stands in for the ``Llama`` after ``Model.close()``: any use is one KvtoolError, never a freed pointer."""
+
+    def __getattr__(self, name):
+        raise KvtoolError("model is closed")
+
+    def __setattr__(self, name, value):
+        raise KvtoolError("model is closed")
+
+    def __bool__(self) -> bool:
+        return False
+
+
+_CLOSED = _Closed()
 _LLAMA_CLS = None
 
 
@@ -156,10 +170,35 @@ def _cls():
     return _LLAMA_CLS
 
 
+def _note(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
+def _check_memory(dims, budgets, n_ctx: int, n_ubatch: int, cache_type: str, flash_attn: bool) -> None:
+    """Refuse a context whose KV cache alone exceeds this machine's memory (before llama.cpp tries for minutes)."""
+    from .memory import predict
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    try:
+        plan = predict(dims, budgets.head_window if budgets else None, budgets.sink if budgets else 0, n_ctx,
+                       n_ubatch, 1, cache_type, cache_type, flash_attn, mixed=budgets is not None)
+    except KvtoolError:
+        return  # llama.cpp judges layouts the formula does not cover
+    need = plan.mixed_bytes if budgets is not None else plan.stock_bytes
+    if total > 0 and need > total:
+        raise KvtoolError(f"n_ctx {n_ctx} needs {need / 2**30:.1f} GiB of KV cache, more than this machine's "
+                          f"{total / 2**30:.1f} GiB of memory: lower --n-ctx")
+
+
 def _check_path(path: Union[str, os.PathLike]) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise KvtoolError(f"{p}: no such file")
+    from ..validate import check_input_path
+
+    p = check_input_path(path)  # missing, or a name the system refuses (too long): one line
     if p.is_dir():
         raise KvtoolError(f"{p}: is a directory, expected a .gguf file")
     return p
@@ -229,15 +268,20 @@ class Model:
         from .library import require_patched
         from .memory import GGML_TYPE_IDS, dims_from_gguf
 
+        from ..validate import I32_MAX, N_CTX_MAX, U32_MAX, cap_threads, check_int
+
         p = _check_path(path)
         budgets = read_budgets(p)  # KvtoolError for a non-GGUF or truncated file, or bad kvtool keys
-        dims = dims_from_gguf(p)
-        if int(n_ctx) < 1:
-            raise KvtoolError(f"n_ctx must be >= 1, got {n_ctx}")
-        if int(n_ubatch) < 1:
-            raise KvtoolError(f"n_ubatch must be >= 1, got {n_ubatch}")
-        if n_threads is not None and int(n_threads) < 1:
-            raise KvtoolError(f"n_threads must be >= 1, got {n_threads}")
+        dims = dims_from_gguf(p)  # the header fields every file must have sound (block_count >= 1, ...)
+        n_ctx = check_int("n_ctx", n_ctx, 1, N_CTX_MAX)
+        # llama.cpp pads the context to 256 cells; asking for the padded size keeps Llama's token buffer and
+        # the context the same length, so every prompt check below holds for both
+        n_ctx = (n_ctx + 255) // 256 * 256
+        # llama.cpp clamps the micro-batch to the context; doing it here keeps the ring sizes bounded too
+        n_ubatch = min(check_int("n_ubatch", n_ubatch, 1, I32_MAX), n_ctx)
+        seed = check_int("seed", seed, 0, U32_MAX)
+        if n_threads is not None:
+            n_threads = cap_threads(n_threads, echo=_note)
         if cache_type not in GGML_TYPE_IDS:
             raise KvtoolError(f"unknown cache type {cache_type!r} (choose from {', '.join(GGML_TYPE_IDS)})")
         has_budgets = budgets is not None and budgets.head_window is not None
@@ -254,6 +298,7 @@ class Model:
         fa = has_budgets if flash_attn is None else bool(flash_attn)
         if cache_type not in ("f16", "f32", "bf16") and not fa:
             raise KvtoolError(f"a quantized KV cache ({cache_type}) needs flash attention; drop flash_attn=False")
+        _check_memory(dims, budgets if has_budgets and mixed is not False else None, n_ctx, n_ubatch, cache_type, fa)
         require_patched()
         threads = int(n_threads) if n_threads is not None else _default_threads()
         tid = GGML_TYPE_IDS[cache_type]
@@ -268,9 +313,14 @@ class Model:
         return m
 
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        """Free the model. Every later call, and every live stream's next step, raises "model is closed"."""
+        if not self.closed:
+            llm, self._llm = self._llm, _CLOSED
+            llm.close()
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self._llm, _Closed)
 
     def __enter__(self) -> "Model":
         return self
@@ -427,6 +477,17 @@ class Model:
 
     def _complete(self, tokens: list, template_stop: list, max_tokens, temperature, top_p, top_k, min_p,
                   repeat_penalty, seed, stop, stream):
+        from ..validate import I32_MAX, U32_MAX, check_float, check_int
+
+        temperature = check_float("temperature", temperature, 0.0)
+        top_p = check_float("top_p", top_p, 0.0, 1.0)
+        min_p = check_float("min_p", min_p, 0.0, 1.0)
+        top_k = check_int("top_k", top_k, 0, I32_MAX)
+        repeat_penalty = check_float("repeat_penalty", repeat_penalty, 0.0)
+        if seed is not None:
+            seed = check_int("seed", seed, 0, U32_MAX)
+        if max_tokens is not None:
+            max_tokens = check_int("max_tokens", max_tokens, None, I32_MAX)
         n_ctx = self.n_ctx
         if not tokens:
             raise KvtoolError("empty prompt (and the model adds no BOS token)")
@@ -482,7 +543,13 @@ class Model:
         it = self._llm.create_completion(stream=True, **kw)
         finish = None
         try:
-            for chunk in it:
+            while True:
+                if self.closed:  # checked before each step: the next step would run on a freed context
+                    raise KvtoolError("model is closed")
+                try:
+                    chunk = next(it)
+                except StopIteration:
+                    break
                 if self._gen_id != my_id:
                     raise KvtoolError("this stream was superseded by a newer generate/chat call on the same Model")
                 ch = chunk["choices"][0]
@@ -495,7 +562,7 @@ class Model:
             raise
         finally:
             it.close()
-            if self._gen_id == my_id:
+            if self._gen_id == my_id and not self.closed:
                 self._end(rec)
             if not rec.finish_reason:
                 rec.finish_reason = finish or "stop"
