@@ -78,7 +78,7 @@ def model_shape(h: GGUFHeader) -> ModelShape:
     """block_count x head_count_kv (uniform across layers, which is what heads.json can express)."""
     from .gguf_fields import model_fields
 
-    f = model_fields(h)
+    f = model_fields(h, dims=False)
     counts = f.n_head_kv
     if len(set(counts)) != 1:
         raise KvtoolError(f"{h.path}: head_count_kv differs across layers ({sorted(set(counts))}); "

@@ -57,8 +57,9 @@ def _per_layer(h: GGUFHeader, key: str, n_layer: int) -> Optional[tuple[int, ...
     return (_count(h, key, v, 1, _MAX_HEADS),) * n_layer
 
 
-def model_fields(h: GGUFHeader) -> ModelFields:
-    """Architecture, layer and head counts, head sizes; KvtoolError naming the key for anything unusable."""
+def model_fields(h: GGUFHeader, dims: bool = True) -> ModelFields:
+    """Architecture, layer and head counts, and with ``dims`` the head sizes; KvtoolError naming the key for
+    anything unusable. ``dims=False`` is what a mask needs (block_count x head_count_kv)."""
     arch = h.value("general.architecture")
     if arch is None:
         raise KvtoolError(f"{h.path}: GGUF has no general.architecture")
@@ -68,20 +69,23 @@ def model_fields(h: GGUFHeader) -> ModelFields:
         raise KvtoolError(f"{h.path}: unknown architecture {arch!r} (the file has no {arch}.block_count)")
     n_layer = _count(h, f"{arch}.block_count", h.value(f"{arch}.block_count"), 1, _MAX_LAYERS)
     n_head = _per_layer(h, f"{arch}.attention.head_count", n_layer)
-    if n_head is None:
-        raise KvtoolError(f"{h.path}: GGUF has no {arch}.attention.head_count")
     # llama.cpp's default: as many KV heads as query heads
     n_head_kv = _per_layer(h, f"{arch}.attention.head_count_kv", n_layer) or n_head
-    n_embd = _count(h, f"{arch}.embedding_length", h.value(f"{arch}.embedding_length"), 1, _MAX_EMBD)
-    dk = h.value(f"{arch}.attention.key_length")
-    dk = n_embd // max(n_head) if dk is None else _count(h, f"{arch}.attention.key_length", dk, 1, _MAX_EMBD)
-    if dk < 1:
-        raise KvtoolError(f"{h.path}: {arch}.embedding_length {n_embd} is smaller than head_count {max(n_head)}")
-    dv = h.value(f"{arch}.attention.value_length")
-    dv = dk if dv is None else _count(h, f"{arch}.attention.value_length", dv, 1, _MAX_EMBD)
+    if n_head_kv is None:
+        raise KvtoolError(f"{h.path}: GGUF has no {arch}.attention.head_count_kv")
+    n_embd = dk = dv = 0
+    if dims:
+        if n_head is None:
+            raise KvtoolError(f"{h.path}: GGUF has no {arch}.attention.head_count")
+        n_embd = _count(h, f"{arch}.embedding_length", h.value(f"{arch}.embedding_length"), 1, _MAX_EMBD)
+        dk = h.value(f"{arch}.attention.key_length")
+        dk = n_embd // max(n_head) if dk is None else _count(h, f"{arch}.attention.key_length", dk, 1, _MAX_EMBD)
+        if dk < 1:
+            raise KvtoolError(f"{h.path}: {arch}.embedding_length {n_embd} is smaller than head_count {max(n_head)}")
+        dv = h.value(f"{arch}.attention.value_length")
+        dv = dk if dv is None else _count(h, f"{arch}.attention.value_length", dv, 1, _MAX_EMBD)
     ctx = h.value(f"{arch}.context_length")
-    if ctx is not None:
-        ctx = _count(h, f"{arch}.context_length", ctx, 0, 1 << 40) or None
+    ctx = _count(h, f"{arch}.context_length", ctx, 0, 1 << 40) or None if ctx is not None else None
     name = h.value("general.name")
-    return ModelFields(arch, n_layer, n_head, n_head_kv, n_embd, dk, dv, ctx,
+    return ModelFields(arch, n_layer, n_head or n_head_kv, n_head_kv, n_embd, dk, dv, ctx,
                        name if isinstance(name, str) else None, h.array_len("tokenizer.ggml.tokens"))
