@@ -309,8 +309,11 @@ def apply_mask(src: str | os.PathLike, dst: str | os.PathLike, mask: HeadsMask,
     """Write ``dst`` = ``src`` + the mask's kvtool keys. Earlier budget keys are replaced; earlier beacon keys are
     kept unless new ones are given (beacons belong to the trained weights, the mask to this conversion)."""
     new_beacon = beacon_token is not None
+    from .gguf_fields import model_fields
+
     with open_gguf(src) as h:
         shape = model_shape(h)
+        model_fields(h)  # the fields a runtime needs: never write a file that inspect would refuse
         if not new_beacon:
             beacon_keys(h)  # beacon keys carried over from the input must be valid ones
     if (mask.n_layer, mask.n_head_kv) != (shape.n_layer, shape.n_head_kv):

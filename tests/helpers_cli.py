@@ -34,9 +34,20 @@ class Result:
         return [ln for ln in self.err.splitlines() if ln.strip()]
 
 
+def _preload() -> None:
+    """Import what the commands import, once in this process, so each forked child starts warm."""
+    import importlib
+
+    for mod in ("toolchain.cli", "toolchain.runtime.model", "toolchain.runtime.beacons", "toolchain.runtime.memory",
+                "converters.gguf_budgets", "converters.gguf_fields", "toolchain.validate", "toolchain.atomic"):
+        importlib.import_module(mod)
+
+
 def run_cli(args: Sequence[str], stdin: bytes = b"", fork: bool = True, timeout: float = 300,
             cwd: Optional[Path] = None) -> Result:
     args = [str(a) for a in args]
+    if fork:
+        _preload()
     if not fork:
         res = subprocess.run([sys.executable, "-c", "from toolchain.cli import main; main()", *args],
                              input=stdin, capture_output=True, timeout=timeout, cwd=cwd)

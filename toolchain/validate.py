@@ -134,6 +134,18 @@ def check_output_path(path: PathLike, inputs: Iterable[Optional[PathLike]] = (),
     return p
 
 
+def check_sampling(temperature: Any = 0.0, top_p: Any = 0.95, top_k: Any = 40, min_p: Any = 0.05,
+                   repeat_penalty: Any = 1.0, seed: Any = None, max_tokens: Any = None) -> dict:
+    """Sampling settings as llama.cpp takes them (floats finite, ints inside their C types), checked before a
+    model loads: NaN, inf and values that would wrap are one line, not a silent change of meaning."""
+    return dict(temperature=check_float("temperature", temperature, 0.0),
+                top_p=check_float("top_p", top_p, 0.0, 1.0), top_k=check_int("top_k", top_k, 0, I32_MAX),
+                min_p=check_float("min_p", min_p, 0.0, 1.0),
+                repeat_penalty=check_float("repeat_penalty", repeat_penalty, 0.0),
+                seed=None if seed is None else check_int("seed", seed, 0, U32_MAX),
+                max_tokens=None if max_tokens is None else check_int("max_tokens", max_tokens, None, I32_MAX))
+
+
 def decode_text(data: bytes, where: str) -> str:
     """UTF-8 text, or one line saying where the first bad byte is."""
     try:

@@ -121,6 +121,9 @@ def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k
         raise KvtoolError("--system needs --chat")
     if max_tokens < 0:
         raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
+    from ..validate import check_sampling
+
+    check_sampling(temp, top_p, top_k, seed=seed, max_tokens=max_tokens)  # before the model loads
     m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons)
     try:
         kw = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed, stop=list(stops))

@@ -477,17 +477,11 @@ class Model:
 
     def _complete(self, tokens: list, template_stop: list, max_tokens, temperature, top_p, top_k, min_p,
                   repeat_penalty, seed, stop, stream):
-        from ..validate import I32_MAX, U32_MAX, check_float, check_int
+        from ..validate import check_sampling
 
-        temperature = check_float("temperature", temperature, 0.0)
-        top_p = check_float("top_p", top_p, 0.0, 1.0)
-        min_p = check_float("min_p", min_p, 0.0, 1.0)
-        top_k = check_int("top_k", top_k, 0, I32_MAX)
-        repeat_penalty = check_float("repeat_penalty", repeat_penalty, 0.0)
-        if seed is not None:
-            seed = check_int("seed", seed, 0, U32_MAX)
-        if max_tokens is not None:
-            max_tokens = check_int("max_tokens", max_tokens, None, I32_MAX)
+        v = check_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
+        temperature, top_p, top_k, min_p = v["temperature"], v["top_p"], v["top_k"], v["min_p"]
+        repeat_penalty, seed, max_tokens = v["repeat_penalty"], v["seed"], v["max_tokens"]
         n_ctx = self.n_ctx
         if not tokens:
             raise KvtoolError("empty prompt (and the model adds no BOS token)")
