@@ -32,7 +32,7 @@ TORCH_PIN := $(shell [ "$$(uname -s)" = Linux ] && [ "$$(uname -m)" = x86_64 ] &
                      ! command -v nvidia-smi >/dev/null 2>&1 && echo "torch==2.13.0")
 endif
 
-.PHONY: demo test test-all fuzz venv runtime clean distclean
+.PHONY: demo lint test test-all fuzz venv runtime clean distclean
 
 venv: $(EXTRAS_STAMP)
 
@@ -81,11 +81,11 @@ fuzz: venv
 
 demo: venv
 	$(KVTOOL) fetch smollm2
-	@if [ -f examples/demo.py ]; then \
-		$(VPY) examples/demo.py; \
-	else \
-		$(VPY) -c "$$KVTOOL_DEMO_FALLBACK"; \
-	fi
+	$(VPY) examples/demo.py
+
+# ruff (pyflakes, import order, bugbear; configured in pyproject.toml) comes with the dev extra.
+lint: venv
+	$(VENV)/bin/ruff check .
 
 # Build outputs and stamps only. The shared .venv goes with `make distclean`; ~/.cache/kvtool is never touched.
 clean:
@@ -94,39 +94,3 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
-
-# Until examples/demo.py lands: a one-shot answer from SmolLM2 on the patched runtime (full KV cache), and a plain
-# list of what is not built yet.
-define KVTOOL_DEMO_FALLBACK
-import ctypes, time
-from llama_cpp import Llama
-import llama_cpp.llama_cpp as lc
-from toolchain.cli import cli
-from toolchain.models import fetch_smollm2
-from toolchain.runtime.library import require_patched
-from toolchain.runtime.threads import physical_cores
-
-require_patched()
-path = fetch_smollm2()
-threads = physical_cores()
-llm = Llama(str(path), n_ctx=512, n_threads=threads, verbose=False, seed=0)
-q = "What is the capital of France? Answer in one sentence."
-t0 = time.time()
-out = llm.create_chat_completion(messages=[{"role": "user", "content": q}], max_tokens=48, temperature=0.0)
-dt = time.time() - t0
-print(f"\nQ: {q}\nA: {out['choices'][0]['message']['content'].strip()}")
-print(f"   ({out['usage']['completion_tokens']} tokens in {dt:.1f} s, {threads} threads, SmolLM2-135M Q4_1)")
-try:
-    f = lc._lib.kvtool_kv_bytes
-    f.restype, f.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    full, ring = ctypes.c_size_t(), ctypes.c_size_t()
-    if f(llm._ctx.ctx, ctypes.byref(full), ctypes.byref(ring)) >= 0:
-        print(f"   KV memory (full cache, n_ctx 512): {(full.value + ring.value) / 2**20:.2f} MiB")
-except Exception as e:
-    print(f"   KV memory: not reported ({e})")
-want = ["convert", "chat", "generate", "serve", "bench", "eval", "train"]
-missing = [c for c in want if c not in cli.commands]
-print("\nNot built yet: examples/demo.py (one-shot answer with KV memory full vs mixed)"
-      + (", kvtool " + ", ".join(missing) if missing else "") + ".")
-endef
-export KVTOOL_DEMO_FALLBACK

@@ -1,16 +1,15 @@
 """Teacher-forced KL(teacher || student) and argmax accuracy by position inside the beacon chunk, for a `kvtool train
 beacons` checkpoint: shows which tokens after an eviction the beacons fail to carry.
 
-Usage: python bench/beacon_kl_by_position.py HF_DIR CKPT.pt TASK C N  (TASK from toolchain.train.reasoner)
+Usage: python bench/beacon_kl_by_position.py HF_DIR CKPT.pt TASK C N  (TASK from toolchain.tasks)
 """
 import sys
 
 import torch
 
-import toolchain.train.reasoner  # noqa: F401  (registers the reasoner's tasks)
 from toolchain.tasks import encode_prompt, make_dataset
 from toolchain.train import beacons as tb
-from toolchain.train.rlkv import load_model
+from toolchain.train.common import load_model
 
 
 def main() -> None:

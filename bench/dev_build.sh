@@ -5,7 +5,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 py="$here/.venv/bin/python"
 "$py" - <<'PY'
-from toolchain.runtime.build import prepare_tree, patch_hash, fetch_sdist
+from toolchain.runtime.build import patch_hash, prepare_tree
+from toolchain.sdist import fetch_sdist
 prepare_tree(fetch_sdist(print), patch_hash(), "cpu", False, print)
 PY
 build="${KVTOOL_CACHE:-$HOME/.cache/kvtool}/build/cpu"

@@ -19,8 +19,8 @@ from helpers_models import make_tiny_hf  # noqa: E402
 from helpers_runtime import load, runtime_logits, write_windows  # noqa: E402
 
 from converters.hf_to_gguf import hf_to_gguf  # noqa: E402
-from toolchain.attention import reference_logits  # noqa: E402
 from toolchain.heads import random_mask  # noqa: E402
+from toolchain.train.attention import reference_logits  # noqa: E402
 
 S, W, T = 4, 32, 300
 

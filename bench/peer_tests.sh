@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# llama.cpp's own tests on the patched tree (ARCHITECTURE §7 "peer suites"): a separate CMake build of the patched
+# llama.cpp's own tests on the patched tree (docs/architecture.md §7 "peer suites"): a separate CMake build of the patched
 # vendor/llama.cpp with LLAMA_BUILD_TESTS=ON. Written by others, so we cannot tune them to pass.
 # Usage: bench/peer_tests.sh [MASKED_GGUF]   (needs `kvtool build-runtime` to have prepared the source tree)
 set -euo pipefail

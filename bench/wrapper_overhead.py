@@ -58,6 +58,7 @@ def main() -> None:
     path = args.model
     if path is None:
         from helpers_runtime import write_windows
+
         from toolchain.models import fetch_smollm2
 
         tmp = tempfile.TemporaryDirectory(prefix="kvtool-bench-")

@@ -1,4 +1,4 @@
-"""Read and write the ``kvtool.*`` keys of a GGUF without touching its tensors (ARCHITECTURE §2).
+"""Read and write the ``kvtool.*`` keys of a GGUF without touching its tensors (docs/architecture.md §2).
 
 Why a raw streaming copy rather than ``gguf.GGUFWriter``: the writer re-lays tensor offsets and writes tensors
 with ``ndarray.tofile``; fed from a memmap, that faults every page of the input into this process (RSS ≈ file
@@ -20,22 +20,38 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from toolchain.errors import KvtoolError
+from toolchain.gguf_keys import (
+    BEACON_PREFIX,
+    K_BEACON_INTERVAL,
+    K_BEACON_TOKEN,
+    K_ENABLED,
+    K_HEAD_WINDOW,
+    K_METHOD,
+    K_SINK,
+    K_SPARSITY,
+    K_VERSION,
+    KVTOOL_VERSION,
+    PREFIX,
+)
 from toolchain.heads import HeadsMask, default_file_mode, shape_error
 
 from .gguf_header import SCALAR_FMT as _SCALAR_FMT
-from .gguf_header import (T_ARR, T_BOOL, T_F32, T_F64, T_I8, T_I16, T_I32, T_I64, T_STR, T_U8, T_U16, T_U32,
-                          T_U64, GGUFHeader)
-
-KVTOOL_VERSION = 1
-PREFIX = "kvtool."
-K_VERSION = "kvtool.version"
-K_ENABLED = "kvtool.kv.enabled"
-K_SINK = "kvtool.kv.sink"
-K_HEAD_WINDOW = "kvtool.kv.head_window"
-K_METHOD = "kvtool.heads.method"
-K_SPARSITY = "kvtool.heads.sparsity"
-K_BEACON_TOKEN = "kvtool.beacon.token_id"
-K_BEACON_INTERVAL = "kvtool.beacon.interval"
+from .gguf_header import (
+    T_ARR,
+    T_BOOL,
+    T_F32,
+    T_F64,
+    T_I8,
+    T_I16,
+    T_I32,
+    T_I64,
+    T_STR,
+    T_U8,
+    T_U16,
+    T_U32,
+    T_U64,
+    GGUFHeader,
+)
 
 _COPY_CHUNK = 8 << 20
 
@@ -282,7 +298,7 @@ def rewrite_gguf(src: str | os.PathLike, dst: str | os.PathLike, set_keys: dict[
 
 def budget_keys(mask: HeadsMask, beacon_token: Optional[int] = None, beacon_interval: Optional[int] = None,
                 enabled: bool = True) -> dict[str, Value]:
-    """The kvtool keys for a mask (and optional beacon), typed as ARCHITECTURE §2 fixes them."""
+    """The kvtool keys for a mask (and optional beacon), typed as docs/architecture.md §2 fixes them."""
     mask.validate()
     keys = {
         K_VERSION: Value(T_U32, KVTOOL_VERSION),
@@ -325,7 +341,7 @@ def apply_mask(src: str | os.PathLike, dst: str | os.PathLike, mask: HeadsMask,
     def drop(k: str) -> bool:
         if not k.startswith(PREFIX):
             return False
-        return new_beacon or not k.startswith("kvtool.beacon.")
+        return new_beacon or not k.startswith(BEACON_PREFIX)
 
     return rewrite_gguf(src, dst, keys, drop, fsync=fsync)
 

@@ -1,4 +1,4 @@
-"""Hugging Face directory -> GGUF with the llama.cpp converter pinned by the runtime (ARCHITECTURE §1).
+"""Hugging Face directory -> GGUF with the llama.cpp converter pinned by the runtime (docs/architecture.md §1).
 
 Why run the vendored ``convert_hf_to_gguf.py`` instead of our own: the tensor names, permutations and tokenizer
 handling must match the libllama we link, and that script is the one written for it (llama.cpp 0c1e570 inside
@@ -24,6 +24,7 @@ from typing import Callable
 
 from toolchain.errors import KvtoolError
 from toolchain.paths import cache_root
+from toolchain.sdist import SDIST_TOP, SDIST_VERSION, fetch_sdist
 
 # Architectures whose llama.cpp graph kvtool's mixed cache has been written for (config.json "architectures").
 SUPPORTED_ARCHS = {
@@ -79,17 +80,9 @@ def inspect_hf_dir(path: str | os.PathLike) -> HFModel:
     return HFModel(p, arch, SUPPORTED_ARCHS[arch], n_layer, n_head_kv)
 
 
-def _sdist_version() -> str:
-    from toolchain.runtime.build import SDIST_VERSION
-
-    return SDIST_VERSION
-
-
 def converter_dir(echo: Echo = lambda m: None) -> Path:
     """``~/.cache/kvtool/convert/<sdist version>/``: the converter script, its package and gguf-py, extracted once."""
-    from toolchain.runtime.build import SDIST_TOP, fetch_sdist
-
-    version = _sdist_version()
+    version = SDIST_VERSION
     dest = cache_root() / "convert" / version
     if (dest / ".complete").exists():
         return dest

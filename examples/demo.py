@@ -6,7 +6,6 @@ SmolLM2 has no published RLKV scores, so the demo compresses a seeded random hal
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from converters.gguf_budgets import apply_mask
 from toolchain import Model

@@ -24,8 +24,9 @@ def patched_runtime():
 def tiny_gguf(tmp_path_factory):
     """A random 3-layer llama (4 query heads, 2 KV heads, head dim 16) as an F32 GGUF without kvtool keys."""
     pytest.importorskip("torch")
-    from converters.hf_to_gguf import hf_to_gguf
     from helpers_models import make_tiny_hf
+
+    from converters.hf_to_gguf import hf_to_gguf
 
     d = tmp_path_factory.mktemp("tiny-session")
     hf = make_tiny_hf(d / "hf", arch="llama", n_layer=3, n_head=4, n_head_kv=2, head_dim=16, vocab=100, seed=5)
@@ -49,7 +50,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_masked(smollm2, tmp_path_factory):
-    """SmolLM2 with a seeded random s=0.5 mask, S=16, W=64 (ARCHITECTURE's bench setting)."""
+    """SmolLM2 with a seeded random s=0.5 mask, S=16, W=64 (the bench setting of docs/benchmarks.md)."""
     from converters.gguf_budgets import apply_mask
     from toolchain.heads import random_mask
 

@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from converters.gguf_budgets import (K_ENABLED, K_HEAD_WINDOW, K_SINK, K_VERSION, T_ARR, T_BOOL, T_I32, T_U32,
-                                     Value, rewrite_gguf)
+from converters.gguf_budgets import T_ARR, T_BOOL, T_I32, T_U32, Value, rewrite_gguf
+from toolchain.gguf_keys import K_ENABLED, K_HEAD_WINDOW, K_SINK, K_VERSION
 
 GGML_TYPE_F32 = 0
 
@@ -34,7 +34,7 @@ def load(path: Path, n_ctx: int = 1024, n_ubatch: int = 512, f32_kv: bool = True
     if type_kv is not None:
         args.update(type_k=type_kv, type_v=type_kv)
     if mixed is not None:
-        args["kv_overrides"] = {"kvtool.kv.enabled": bool(mixed)}
+        args["kv_overrides"] = {K_ENABLED: bool(mixed)}
     args.update(kw)
     return Llama(str(path), **args)
 
@@ -59,18 +59,18 @@ class LowLevel:
 
     def __init__(self, path: Path, n_ctx: int = 1024, n_ubatch: int = 64, n_seq_max: int = 1, unified: bool = False,
                  cache: str = "f32", flash_attn: bool = False, mixed: Optional[bool] = None):
-        from toolchain.runtime.memory import GGML_TYPE_IDS
-
         import ctypes
 
         import llama_cpp as lc
+
+        from toolchain.gguf_keys import CACHE_TYPES
 
         self.lc = lc
         mp = lc.llama_model_default_params()
         self._ov = None
         if mixed is not None:
             ov = (lc.llama_model_kv_override * 2)()
-            ov[0].key = b"kvtool.kv.enabled"
+            ov[0].key = K_ENABLED.encode()
             ov[0].tag = lc.LLAMA_KV_OVERRIDE_TYPE_BOOL
             ov[0].value.val_bool = bool(mixed)
             ov[1].key = b""
@@ -84,7 +84,7 @@ class LowLevel:
         cp.kv_unified = unified
         cp.n_threads = cp.n_threads_batch = 2
         cp.flash_attn_type = 1 if flash_attn else 0
-        cp.type_k = cp.type_v = GGML_TYPE_IDS[cache]
+        cp.type_k = cp.type_v = CACHE_TYPES[cache].ggml_id
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise ValueError("failed to create the context")

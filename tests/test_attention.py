@@ -1,4 +1,4 @@
-"""Tests for toolchain/attention.py: the PyTorch reference of ARCHITECTURE §3/§5.
+"""Tests for toolchain/train/attention.py: the PyTorch reference of docs/architecture.md §3/§5.
 
 Oracles are independent of the code under test: python loops over the prose rules, a simulation of the runtime's
 beacon eviction, stock eager attention fed an explicit per-head 4D mask, and stock eager on a token subset
@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from toolchain.attention import (  # noqa: E402
+from toolchain.train.attention import (  # noqa: E402
     BeaconSegments,
     beacon_layout,
     beacon_visibility,
@@ -61,7 +61,7 @@ ARCHS = ["llama", "qwen2"]
 
 # ---------------------------------------------------------------------------------------------------- loop oracles
 def loop_visible(p: int, k: int, window: int, sink: int) -> bool:
-    """ARCHITECTURE §3 read literally."""
+    """docs/architecture.md §3 read literally."""
     if k > p:
         return False
     if window == 0:

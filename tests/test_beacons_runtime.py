@@ -1,4 +1,4 @@
-"""The run-time beacon loop (toolchain/runtime/beacons.py) against the PyTorch beacon reference (ARCHITECTURE §5, §7).
+"""The run-time beacon loop (toolchain/runtime/beacons.py) against the PyTorch beacon reference (docs/architecture.md §5, §7).
 
 A tiny random F32 llama GGUF, F32 KV cache, flash attention off. The beacon is an existing vocabulary id (the last
 one, ``--reuse-token`` semantics): an untrained beacon model must still run, and parity does not care what the beacon
@@ -13,14 +13,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from converters.gguf_budgets import K_BEACON_INTERVAL, K_BEACON_TOKEN, K_VERSION, T_U32, Value, rewrite_gguf  # noqa: E402
-from converters.hf_to_gguf import hf_to_gguf  # noqa: E402
-from toolchain.attention import insert_beacons, reference_logits  # noqa: E402
-from toolchain.errors import KvtoolError  # noqa: E402
-from toolchain.runtime.beacons import BeaconGenerator, generate_with_beacons, peak_bound  # noqa: E402
-
 from helpers_models import make_tiny_hf  # noqa: E402
 from helpers_runtime import load, write_windows  # noqa: E402
+
+from converters.gguf_budgets import T_U32, Value, rewrite_gguf  # noqa: E402
+from converters.hf_to_gguf import hf_to_gguf  # noqa: E402
+from toolchain.errors import KvtoolError  # noqa: E402
+from toolchain.gguf_keys import K_BEACON_INTERVAL, K_BEACON_TOKEN, K_VERSION  # noqa: E402
+from toolchain.runtime.beacons import BeaconGenerator, generate_with_beacons, peak_bound  # noqa: E402
+from toolchain.train.attention import insert_beacons, reference_logits  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
 

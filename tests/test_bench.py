@@ -6,9 +6,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from helpers_runtime import write_windows
+
 from toolchain.cli import cli
+from toolchain.errors import KvtoolError
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
 
@@ -29,3 +30,5 @@ def test_bench_refuses_file_without_budgets(tiny_gguf):
     res = CliRunner().invoke(cli, ["bench", str(tiny_gguf), "--ctx", "512", "--prompt", "32", "--decode", "2",
                                    "--repeats", "1", "--variants", "stock,mixed"])
     assert res.exit_code != 0
+    assert isinstance(res.exception, KvtoolError), repr(res.exception)
+    assert "has no kvtool budgets (mixed mode did not activate)" in str(res.exception)

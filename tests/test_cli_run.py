@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from helpers_runtime import write_windows
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
@@ -217,7 +216,8 @@ def test_renderer_dims_or_hides_think():
 def test_generate_beacons_and_no_beacons(tiny_gguf, tmp_path):
     """A file with beacon keys generates through the beacon loop (the status line and --json show its live and peak
     cells); --no-beacons runs the same file without beacons or eviction."""
-    from converters.gguf_budgets import K_BEACON_INTERVAL, K_BEACON_TOKEN, T_U32, Value
+    from converters.gguf_budgets import T_U32, Value
+    from toolchain.gguf_keys import K_BEACON_INTERVAL, K_BEACON_TOKEN
 
     path = write_windows(tiny_gguf, tmp_path / "tiny-beacons.gguf", [[0, 0], [0, 0], [0, 0]], 0, enabled=False,
                          extra={K_BEACON_TOKEN: Value(T_U32, 50), K_BEACON_INTERVAL: Value(T_U32, 8)})

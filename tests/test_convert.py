@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from converters import gguf_budgets as gb
-from toolchain.commands.convert import convert, convert_model, default_output
+from converters.convert import convert_model, default_output
+from toolchain.commands.convert import convert
 from toolchain.errors import KvtoolError
 from toolchain.heads import HeadsMask, random_mask
 

@@ -1,20 +1,21 @@
-"""Tests for the long-chain reasoner task (toolchain/train/cyclic_sum.py): format, arithmetic, batch = examples,
+"""Tests for the long-chain reasoner task (toolchain/tasks/cyclic_sum.py): format, arithmetic, batch = examples,
 registration with kvtool's task registry and the trainer's spec, and the peak-KV ratio it was designed for."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from toolchain import tasks
+from toolchain.tasks import alphabet as A
+from toolchain.tasks import cyclic_sum as C
 from toolchain.tasks import make_dataset, score
-from toolchain.train import cyclic_sum as C
-from toolchain.train import reasoner as R
 
 
 def test_lengths_and_format():
     assert (C.PROMPT_LEN, C.COT_LEN) == (14, 513)
     e = C.make_example(np.random.default_rng(0))
-    assert len(R.encode(e["question"])) + 1 == C.PROMPT_LEN
-    assert len(R.encode(e["answer"])) + 1 == C.COT_LEN
+    assert len(A.encode(e["question"])) + 1 == C.PROMPT_LEN
+    assert len(A.encode(e["answer"])) + 1 == C.COT_LEN
     q = e["question"]
     for k in range(C.N_STEPS):
         s = e["answer"][8 * k: 8 * k + 8]
@@ -40,9 +41,9 @@ def test_chain_is_a_running_sum_mod_100():
 def test_batch_matches_examples():
     ids = C.make_batch(np.random.default_rng(1), 6)
     assert ids.shape == (6, C.PROMPT_LEN + C.COT_LEN)
-    assert (ids[:, 0] == R.BOS).all() and (ids[:, -1] == R.EOS).all()
+    assert (ids[:, 0] == A.BOS).all() and (ids[:, -1] == A.EOS).all()
     for row in ids:
-        text = R.decode(row)
+        text = A.decode(row)
         q, a = text[:C.PROMPT_LEN - 1], text[C.PROMPT_LEN - 1:]
         digits = [int(c) for c in q if c.isdigit()]
         assert (q, a) == C._texts(digits)
@@ -56,11 +57,11 @@ def test_registered_task_and_spec():
     assert score(p, p.answer) == 1.0 and score(p, p.answer + "$") == 1.0
     assert score(p, "#".join(p.answer[i:i + 16] for i in range(0, len(p.answer), 16))) == 1.0
     assert score(p, p.answer[:-1] + "x") == 0.0 and score(p, p.answer[:-8]) == 0.0
-    spec = R.task_spec("cyclic_sum")
+    spec = tasks.task_spec("cyclic_sum")
     assert (spec.prompt_len, spec.cot_len) == (C.PROMPT_LEN, C.COT_LEN)
     assert spec.make_batch(np.random.default_rng(0), 2).shape == (2, C.PROMPT_LEN + C.COT_LEN)
     with pytest.raises(ValueError, match="unknown reasoner task 'nope'"):
-        R.task_spec("nope")
+        tasks.task_spec("nope")
 
 
 def test_designed_peak_kv_ratio_at_c16():

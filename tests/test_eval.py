@@ -1,4 +1,4 @@
-"""Tests for `kvtool eval` (toolchain/eval.py, toolchain/commands/eval.py).
+"""Tests for `kvtool eval` (toolchain/eval/, toolchain/commands/eval.py).
 
 Statistics are checked against published/closed-form values and scipy; the runtime parts run on the session's tiny
 random llama (3 layers, 2 KV heads, F32) with a local task, so they take seconds. A random model solves nothing on
@@ -14,6 +14,9 @@ import pytest
 
 from toolchain import eval as ev
 from toolchain.errors import KvtoolError
+from toolchain.eval import ppl, report
+from toolchain.eval import run as run_mod
+from toolchain.runtime.decode import greedy
 from toolchain.tasks import Problem, register_task
 
 
@@ -66,7 +69,7 @@ def test_repetition_detector():
 
 def test_pareto_front():
     pts = [(1.0, 0.5), (2.0, 0.9), (2.0, 0.4), (3.0, 0.9), (0.5, 0.1)]
-    assert ev._pareto(pts) == [4, 0, 1]
+    assert report._pareto(pts) == [4, 0, 1]
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------------
@@ -194,13 +197,13 @@ def test_eval_end_to_end_and_resume(tiny_gguf, masked_tiny, tmp_path, monkeypatc
 
     # rerun with more problems: only the new ones are generated, the old records are reused as they are
     calls = []
-    real = ev.greedy
+    real = run_mod.greedy
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(ev, "greedy", counting)
+    monkeypatch.setattr(run_mod, "greedy", counting)
     with open(log, "a") as f:
         f.write('{"key": "cut by an interrupt", "ind')  # a torn last line is ignored
     r = CliRunner().invoke(eval_cmd, [a if a != "4" else "6" for a in args])
@@ -226,7 +229,7 @@ def test_greedy_matches_runtime_generate(tiny_gguf, patched_runtime):
 
     with Model.load(tiny_gguf, n_ctx=256, n_threads=1) as m:
         toks = m.tokenize("the a of to and")
-        g = ev.greedy(m, toks, 20)
+        g = greedy(m, toks, 20)
         ref = m.generate("the a of to and", max_tokens=20, temperature=0.0)
         assert g["text"] == ref
         assert len(g["ids"]) == m.last_stats.generated_tokens
@@ -244,7 +247,7 @@ def test_ppl_kl(masked_tiny, identity_tiny, words_text, tmp_path):
     assert diff["ppl_full"] == pytest.approx(same["ppl_full"], rel=1e-5)  # same weights, same full cache
     assert diff["ppl_mixed"] != diff["ppl_full"]
     # KL by hand from two independent passes, one window
-    lf = ev._log_softmax(__import__("numpy").array([[0.0, 1.0, 2.0]]))
+    lf = ppl._log_softmax(__import__("numpy").array([[0.0, 1.0, 2.0]]))
     assert float((math.e ** lf).sum()) == pytest.approx(1.0)
 
 
@@ -304,8 +307,10 @@ def test_smollm2_chain_sum_full_vs_mixed(smollm2_masked, tmp_path):
 @pytest.fixture(scope="module")
 def beacon_tiny(tiny_gguf, tmp_path_factory, patched_runtime):
     """Per-head budgets (3 of 6 heads on a window of 8) and beacon keys (token 50 every 8 tokens) in one file."""
-    from converters.gguf_budgets import K_BEACON_INTERVAL, K_BEACON_TOKEN, T_U32, Value
     from helpers_runtime import write_windows
+
+    from converters.gguf_budgets import T_U32, Value
+    from toolchain.gguf_keys import K_BEACON_INTERVAL, K_BEACON_TOKEN
 
     d = tmp_path_factory.mktemp("evalb")
     return write_windows(tiny_gguf, d / "tiny-beacons.gguf", [[0, 8], [8, 0], [8, 0]], 2,

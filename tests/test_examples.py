@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers_runtime import write_windows
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
@@ -59,7 +58,7 @@ def test_openai_client(masked, tmp_path):
 
 def _llama_tree() -> Path:
     from toolchain.paths import cache_root
-    from toolchain.runtime.build import SDIST_TOP
+    from toolchain.sdist import SDIST_TOP
 
     for tree in sorted((cache_root() / "src").glob(f"*/{SDIST_TOP}/vendor/llama.cpp")):
         if (tree / "include" / "kvtool.h").is_file():

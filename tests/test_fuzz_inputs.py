@@ -19,11 +19,25 @@ import struct
 from pathlib import Path
 
 import pytest
-
-from converters.gguf_budgets import (K_BEACON_INTERVAL, K_BEACON_TOKEN, K_ENABLED, K_HEAD_WINDOW, K_SINK, K_VERSION,
-                                     T_ARR, T_BOOL, T_F32, T_I32, T_STR, T_U32, T_U64, Value)
-from helpers_cli import REPO, assert_one_line_error, run_cli, snapshot
+from helpers_cli_run import REPO, assert_one_line_error, run_cli, snapshot
 from helpers_gguf import alignment_kv, header, kv, model_kvs, nested_array_kv
+
+from converters.gguf_budgets import (
+    K_BEACON_INTERVAL,
+    K_BEACON_TOKEN,
+    K_ENABLED,
+    K_HEAD_WINDOW,
+    K_SINK,
+    K_VERSION,
+    T_ARR,
+    T_BOOL,
+    T_F32,
+    T_I32,
+    T_STR,
+    T_U32,
+    T_U64,
+    Value,
+)
 from toolchain.errors import KvtoolError
 
 N_LAYER, N_HEAD_KV = 3, 2
@@ -349,7 +363,7 @@ def test_api_misuse(tiny_gguf, tmp_path, patched_runtime):
                  lambda: m.chat([{}]), lambda: m.chat([{"role": 1, "content": "the word"}]),
                  lambda: m.chat([{"role": "user", "content": [{"type": "image"}]}]),
                  lambda: m.generate(" ".join(["the word"] * 400))]
-        for i, call in enumerate(calls):
+        for call in calls:
             with pytest.raises(KvtoolError):
                 call()
         assert isinstance(m.generate("the word", max_tokens=2), str)  # still usable after every refusal

@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 
 from toolchain.errors import KvtoolError
-from toolchain.heads import (FORMAT, HeadsMask, format_map, import_scores, mask_from_scores, n_compressed,
-                             random_mask, read_score_tsv)
+from toolchain.heads import (
+    FORMAT,
+    HeadsMask,
+    format_map,
+    import_scores,
+    mask_from_scores,
+    n_compressed,
+    random_mask,
+    read_score_tsv,
+)
 
 DATA = Path(__file__).parent / "data"
 RLKV = DATA / "rlkv_Llama-3.1-8B-R1.adapter_weights.tsv"

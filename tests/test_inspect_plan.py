@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("patched_runtime")
 @pytest.mark.parametrize("n_ctx,cache", [(4096, "f16"), (2048, "q8_0")])
 def test_inspect_prediction_equals_runtime(smollm2_masked, n_ctx, cache):
     from helpers_runtime import LowLevel
+
     from toolchain.runtime.library import kv_bytes
 
     r = inspect_report(str(smollm2_masked), n_ctx, 512, 1, cache, True)

@@ -57,8 +57,9 @@ for cache in ("f16", "q8_0", "q4_0"):
 @pytest.fixture(scope="module")
 def wide_gguf(tmp_path_factory, patched_runtime):
     pytest.importorskip("torch")
-    from converters.hf_to_gguf import hf_to_gguf
     from helpers_models import make_tiny_hf
+
+    from converters.hf_to_gguf import hf_to_gguf
 
     d = tmp_path_factory.mktemp("wide")
     hf = make_tiny_hf(d / "hf", arch="llama", n_layer=N_LAYER, n_head=N_HEAD_KV, n_head_kv=N_HEAD_KV,

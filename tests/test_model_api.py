@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers_runtime import write_windows
+
 from toolchain.errors import KvtoolError
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
@@ -252,8 +252,9 @@ def test_prefix_reuse_is_exact_and_falls_back_when_the_ring_moved_on(tiny_window
 
 # ---------------------------------------------------------------------------------------------- beacons
 def test_files_with_beacon_keys_generate_through_the_beacon_loop(tiny_gguf, tmp_path):
-    from converters.gguf_budgets import K_BEACON_INTERVAL, K_BEACON_TOKEN, T_U32, Value
+    from converters.gguf_budgets import T_U32, Value
     from toolchain import Model
+    from toolchain.gguf_keys import K_BEACON_INTERVAL, K_BEACON_TOKEN
 
     path = write_windows(tiny_gguf, tmp_path / "tiny-beacons.gguf", [[0, 16], [16, 0], [16, 16]], 4,
                          extra={K_BEACON_TOKEN: Value(T_U32, 50), K_BEACON_INTERVAL: Value(T_U32, 8)})

@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from toolchain.tasks import alphabet as A  # noqa: E402
+from toolchain.tasks import long_addition as LA  # noqa: E402
 from toolchain.tasks import make_dataset, score  # noqa: E402
 from toolchain.train import reasoner as R  # noqa: E402
 
@@ -25,22 +27,22 @@ def _as_int(digits_lsb_first) -> int:
 
 
 def test_task_format_lengths():
-    assert (R.PROMPT_LEN, R.COT_LEN, R.SEQ_LEN) == (77, 201, 278)
-    assert len(R.VOCAB) == 48 and len(set(R.VOCAB)) == 48
-    e = R.make_example(np.random.default_rng(0))
-    assert len(R.encode(e["question"])) + 1 == 77  # + the begin token
-    assert len(R.encode(e["answer"])) + 1 == 201   # + the end token
+    assert (LA.PROMPT_LEN, LA.COT_LEN, LA.SEQ_LEN) == (77, 201, 278)
+    assert len(A.VOCAB) == 48 and len(set(A.VOCAB)) == 48
+    e = LA.make_example(np.random.default_rng(0))
+    assert len(A.encode(e["question"])) + 1 == 77  # + the begin token
+    assert len(A.encode(e["answer"])) + 1 == 201   # + the end token
     assert e["question"].startswith("A") and e["question"].endswith("=") and e["question"][3] == "B"
     for step in range(25):
         s = e["answer"][8 * step: 8 * step + 8]
-        assert s[0] == R.LABELS[step] and s[3] == "+" and s[5] == "="
+        assert s[0] == A.LABELS[step] and s[3] == "+" and s[5] == "="
         assert s[1:3] == e["question"][3 * step + 1: 3 * step + 3]  # operands copied from the prompt
 
 
 def test_chain_is_correct_addition():
     rng = np.random.default_rng(5)
     for _ in range(50):
-        e = R.make_example(rng)
+        e = LA.make_example(rng)
         a, b = _as_int(e["a"]), _as_int(e["b"])
         steps = [e["answer"][8 * i: 8 * i + 8] for i in range(25)]
         units = [int(s[7]) for s in steps]
@@ -52,14 +54,14 @@ def test_chain_is_correct_addition():
 
 
 def test_batch_matches_examples():
-    ids = R.make_batch(np.random.default_rng(1), 8)
+    ids = LA.make_batch(np.random.default_rng(1), 8)
     assert ids.shape == (8, 278) and ids.dtype == np.int64
-    assert (ids[:, 0] == R.BOS).all() and (ids[:, -1] == R.EOS).all() and (ids[:, 76] == R.STOI["="]).all()
+    assert (ids[:, 0] == A.BOS).all() and (ids[:, -1] == A.EOS).all() and (ids[:, 76] == A.STOI["="]).all()
     for row in ids:
-        text = R.decode(row)
+        text = A.decode(row)
         q, a = text[:76], text[76:]
         digits = [int(c) for c in q if c.isdigit()]
-        ex_q, ex_a = R._texts(digits[0::2], digits[1::2])
+        ex_q, ex_a = LA._texts(digits[0::2], digits[1::2])
         assert (q, a) == (ex_q, ex_a)
 
 
@@ -76,10 +78,10 @@ def test_problems_and_scoring():
     assert score(p, "#".join(p.answer[i:i + 16] for i in range(0, 200, 16))) == 1.0  # beacons are not content
     wrong = p.answer[:-1] + str((int(p.answer[-1]) + 1) % 10)
     assert score(p, wrong) == 0.0 and score(p, p.answer[:-8]) == 0.0 and score(p, "") == 0.0
-    assert R.token_accuracy(p.answer, p.answer) == 1.0
-    assert R.token_accuracy(wrong, p.answer) == pytest.approx(200 / 201)
-    assert R.token_accuracy("", p.answer) == 0.0
-    assert R.token_accuracy(p.answer + "A00", p.answer) == pytest.approx(200 / 201)  # did not stop
+    assert A.token_accuracy(p.answer, p.answer) == 1.0
+    assert A.token_accuracy(wrong, p.answer) == pytest.approx(200 / 201)
+    assert A.token_accuracy("", p.answer) == 0.0
+    assert A.token_accuracy(p.answer + "A00", p.answer) == pytest.approx(200 / 201)  # did not stop
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------------------
@@ -92,15 +94,15 @@ def test_tokenizer_round_trip(tok_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    e = R.make_example(np.random.default_rng(2))
+    e = LA.make_example(np.random.default_rng(2))
     ids = tok(e["question"])["input_ids"]
-    assert ids == [R.BOS] + R.encode(e["question"]) and len(ids) == 77
+    assert ids == [A.BOS] + A.encode(e["question"]) and len(ids) == 77
     full = e["question"] + e["answer"]
     assert tok.decode(tok(full)["input_ids"], skip_special_tokens=True) == full
-    assert tok.decode([R.BOS] + R.encode("A12#") + [R.EOS], skip_special_tokens=True) == "A12#"
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (R.BOS, R.EOS, R.PAD)
-    every = "".join(c for c in R.VOCAB if len(c) == 1)
-    assert tok(every, add_special_tokens=False)["input_ids"] == [R.STOI[c] for c in every]
+    assert tok.decode([A.BOS] + A.encode("A12#") + [A.EOS], skip_special_tokens=True) == "A12#"
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (A.BOS, A.EOS, A.PAD)
+    every = "".join(c for c in A.VOCAB if len(c) == 1)
+    assert tok(every, add_special_tokens=False)["input_ids"] == [A.STOI[c] for c in every]
 
 
 def test_sentencepiece_model_has_the_same_ids(tok_dir):
@@ -108,11 +110,11 @@ def test_sentencepiece_model_has_the_same_ids(tok_dir):
 
     sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
     assert sp.vocab_size() == 48
-    assert [sp.id_to_piece(i) for i in range(48)] == R.VOCAB
-    assert (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()) == (R.BOS, R.EOS, R.PAD, R.UNK)
+    assert [sp.id_to_piece(i) for i in range(48)] == A.VOCAB
+    assert (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()) == (A.BOS, A.EOS, A.PAD, A.UNK)
     text = "A65+0=11B67+1=14#;|"
-    assert sp.encode(text) == R.encode(text)
-    assert sp.is_control(R.BOS) and sp.is_control(R.EOS) and not sp.is_control(R.BEACON)
+    assert sp.encode(text) == A.encode(text)
+    assert sp.is_control(A.BOS) and sp.is_control(A.EOS) and not sp.is_control(A.BEACON)
 
 
 @pytest.fixture(scope="module")
@@ -131,24 +133,24 @@ def small_gguf(small_hf, patched_runtime):
 
 def test_hf_and_gguf_token_ids_and_logits_agree(small_hf, small_gguf):
     from converters.gguf_budgets import open_gguf
-    from toolchain.eval import _decode
+    from toolchain.runtime.decode import eval_tokens
     from toolchain.runtime.model import Model
 
     with open_gguf(small_gguf) as h:
-        assert h.value("tokenizer.ggml.tokens") == R.VOCAB
-        assert h.value("tokenizer.ggml.bos_token_id") == R.BOS and h.value("tokenizer.ggml.eos_token_id") == R.EOS
+        assert h.value("tokenizer.ggml.tokens") == A.VOCAB
+        assert h.value("tokenizer.ggml.bos_token_id") == A.BOS and h.value("tokenizer.ggml.eos_token_id") == A.EOS
         assert h.value("tokenizer.ggml.add_space_prefix") is False
         assert h.value("llama.rope.freq_base") == pytest.approx(1e4)
         assert h.value("llama.attention.head_count_kv") == 2
     model, tok = R.load_hf(small_hf)
-    e = R.make_example(np.random.default_rng(4))
+    e = LA.make_example(np.random.default_rng(4))
     text = e["question"] + e["answer"][:40] + "#;|"
     with Model.load(small_gguf, n_ctx=256, n_threads=1, cache_type="f32") as m:
         ids = m.tokenize(text)
-        assert ids == tok(text)["input_ids"] == [R.BOS] + R.encode(text)
-        assert m.tokenize("^" + text + "$", add_bos=False) == [R.BOS] + R.encode(text) + [R.EOS]
+        assert ids == tok(text)["input_ids"] == [A.BOS] + A.encode(text)
+        assert m.tokenize("^" + text + "$", add_bos=False) == [A.BOS] + A.encode(text) + [A.EOS]
         assert m.detokenize(ids) == text
-        got = _decode(m.llama, ids, logits_all=True)
+        got = eval_tokens(m.llama, ids, logits_all=True)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - ref).max() < 1e-3
@@ -209,7 +211,7 @@ def test_eval_cli_on_the_reasoner(small_gguf, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [x["variant"] for x in rows] == ["full", "mixed"]
     assert all("token_acc" in x["metrics"] and x["n"] == 2 for x in rows)
-    text = R.sequences_text(3)
+    text = LA.sequences_text(3)
     assert len(text) == 3 * 278 and text[0] == "^" and text[277] == "$"
 
 
@@ -217,13 +219,13 @@ def test_beacon_checkpoint_of_the_reasoner_converts_and_evaluates(small_hf, patc
     """`kvtool train beacons --reuse-token 3` on the reasoner: the checkpoint keeps the SentencePiece tokenizer files
     (a re-save through the fast backend drops tokenizer.model and convert_hf_to_gguf.py then refuses the vocabulary),
     converts with the beacon keys, and `kvtool eval` runs its beacons variant next to full."""
+    from converters.beacon_checkpoint import convert_checkpoint
     from converters.gguf_budgets import read_budgets
     from toolchain.eval import run_eval
-    from toolchain.runtime.beacons import convert_checkpoint
     from toolchain.train.beacons import BeaconTrainConfig, train
 
     cfg = BeaconTrainConfig(model=str(small_hf), tasks=("long_addition",), interval=16, steps=1, batch=2, group=1,
-                            max_new_tokens=210, full=True, lr=3e-4, reuse_token=R.BEACON, pool=8,
+                            max_new_tokens=210, full=True, lr=3e-4, reuse_token=A.BEACON, pool=8,
                             out_dir=str(tmp_path / "run"), device="cpu")
     res = train(cfg, progress=False, echo=lambda m: None)
     ck = res.output
@@ -231,12 +233,12 @@ def test_beacon_checkpoint_of_the_reasoner_converts_and_evaluates(small_hf, patc
         assert (ck / name).read_bytes() == (small_hf / name).read_bytes(), name
     g = convert_checkpoint(ck, tmp_path / "b.gguf", outtype="f32")
     b = read_budgets(g)
-    assert (b.beacon_token_id, b.beacon_interval) == (R.BEACON, 16)
+    assert (b.beacon_token_id, b.beacon_interval) == (A.BEACON, 16)
     out = run_eval([g], "long_addition", n=2, max_tokens=210, variants=["full", "beacons"], n_ubatch=32, threads=1,
                    progress=False)
     full, bea = out["rows"]
     assert bea["beacon_interval"] == 16 and bea["peak_live_cells"] < full["peak_live_cells"]
-    assert bea["peak_live_cells"] <= R.PROMPT_LEN + -(-R.COT_LEN // 16) + 16
+    assert bea["peak_live_cells"] <= LA.PROMPT_LEN + -(-LA.COT_LEN // 16) + 16
 
 
 @pytest.mark.slow

@@ -14,11 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
-
-from converters.gguf_budgets import (K_BEACON_INTERVAL, K_BEACON_TOKEN, K_HEAD_WINDOW, T_ARR, T_STR, T_U32,
-                                     Value, read_budgets, rewrite_gguf)
-from helpers_cli import REPO, assert_one_line_error, digest, run_cli, snapshot
+from helpers_cli_run import REPO, assert_one_line_error, digest, run_cli, snapshot
 from helpers_gguf import alignment_kv, header, model_kvs, nested_array_kv, write
+
+from converters.gguf_budgets import (
+    K_BEACON_INTERVAL,
+    K_BEACON_TOKEN,
+    K_HEAD_WINDOW,
+    T_ARR,
+    T_STR,
+    T_U32,
+    Value,
+    read_budgets,
+    rewrite_gguf,
+)
 from toolchain.errors import KvtoolError
 from toolchain.heads import random_mask
 
@@ -61,7 +70,8 @@ def test_02_closed_model_streams_and_methods_raise(tiny_gguf, smollm2, tmp_path,
         next(it)
 
     # the beacon loop's stream
-    from converters.gguf_budgets import K_BEACON_INTERVAL as KI, K_BEACON_TOKEN as KT
+    from converters.gguf_budgets import K_BEACON_INTERVAL as KI
+    from converters.gguf_budgets import K_BEACON_TOKEN as KT
 
     b = _with_keys(tiny_gguf, tmp_path / "beacon.gguf", {KT: Value(T_U32, 5), KI: Value(T_U32, 4)})
     m = Model.load(b, n_ctx=256, n_threads=1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers_runtime import load, runtime_logits, write_windows
+
 from toolchain.runtime.library import kv_bytes
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")

@@ -4,10 +4,10 @@ allocation multiply."""
 from __future__ import annotations
 
 import pytest
-
 from helpers_runtime import LowLevel, write_windows
+
 from toolchain.runtime.library import kv_bytes, kv_groups
-from toolchain.runtime.memory import GGML_TYPE_IDS, dims_from_gguf, predict
+from toolchain.runtime.memory import dims_from_gguf, predict
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
 
@@ -18,8 +18,9 @@ WINDOWS = [[32, 0, 64, 32], [0, 0, 0, 0], [32, 32, 32, 32]]  # two windows, a fu
 def model32(tmp_path_factory):
     """head dim 32 so that q8_0/q4_0 rows of a single head are whole blocks."""
     pytest.importorskip("torch")
-    from converters.hf_to_gguf import hf_to_gguf
     from helpers_models import make_tiny_hf
+
+    from converters.hf_to_gguf import hf_to_gguf
 
     d = tmp_path_factory.mktemp("mem")
     hf = make_tiny_hf(d / "hf", n_layer=3, n_head=8, n_head_kv=4, head_dim=32, vocab=100, seed=2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers_runtime import LowLevel, write_windows
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
@@ -111,8 +110,9 @@ def test_context_shift_is_correct_one_layer(tmp_path, tokens):
     """seq_rm + seq_add (llama.cpp's context shift) on a 1-layer model equals evaluating the kept tokens afresh."""
     pytest.importorskip("torch")
     import llama_cpp as lc
-    from converters.hf_to_gguf import hf_to_gguf
     from helpers_models import make_tiny_hf
+
+    from converters.hf_to_gguf import hf_to_gguf
 
     hf = make_tiny_hf(tmp_path / "hf", n_layer=1, n_head=4, n_head_kv=2, head_dim=16, vocab=100, seed=9)
     path = write_windows(hf_to_gguf(hf, tmp_path / "f32.gguf", "f32"), tmp_path / "m.gguf", [[16, 0]], SINK)

@@ -1,4 +1,4 @@
-"""The patched llama.cpp against the PyTorch reference (toolchain/attention.py) on F32 GGUFs (ARCHITECTURE §7).
+"""The patched llama.cpp against the PyTorch reference (toolchain/train/attention.py) on F32 GGUFs (docs/architecture.md §7).
 
 F32 weights and an F32 KV cache, flash attention off: the only differences left are float summation order, so
 max |Δlogit| must stay under 1e-3 for every ubatch size and prefill/decode split, with random and structured masks.
@@ -11,11 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from converters.hf_to_gguf import hf_to_gguf  # noqa: E402
-from toolchain.attention import reference_logits  # noqa: E402
-
 from helpers_models import make_tiny_hf  # noqa: E402
 from helpers_runtime import load, runtime_logits, write_windows  # noqa: E402
+
+from converters.hf_to_gguf import hf_to_gguf  # noqa: E402
+from toolchain.train.attention import reference_logits  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
 

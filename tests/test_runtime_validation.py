@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from converters.gguf_budgets import (K_ENABLED, K_HEAD_WINDOW, K_SINK, K_VERSION, T_ARR, T_BOOL, T_F32, T_I32,
-                                     T_STR, T_U32, Value, rewrite_gguf)
+from converters.gguf_budgets import T_ARR, T_BOOL, T_F32, T_I32, T_STR, T_U32, Value, rewrite_gguf
+from toolchain.gguf_keys import K_ENABLED, K_HEAD_WINDOW, K_SINK, K_VERSION
 
 pytestmark = pytest.mark.usefixtures("patched_runtime")
 

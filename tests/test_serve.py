@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers_runtime import write_windows
 
 openai = pytest.importorskip("openai")

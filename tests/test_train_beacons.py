@@ -17,12 +17,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from toolchain.attention import (BeaconSegments, get_kvtool, insert_beacons, reference_logits,  # noqa: E402
-                                 use_slot_positions)
 from toolchain.errors import KvtoolError  # noqa: E402
 from toolchain.tasks import Problem, register_task  # noqa: E402
 from toolchain.train import beacons as tb  # noqa: E402
-from toolchain.train.rlkv import load_model  # noqa: E402
+from toolchain.train.attention import BeaconSegments, get_kvtool, insert_beacons, reference_logits, use_slot_positions  # noqa: E402
+from toolchain.train.common import load_model  # noqa: E402
 
 torch.set_num_threads(1)
 C = 4
@@ -371,7 +370,7 @@ def test_export_writes_hf_checkpoint_with_beacon_and_kvtool_json(tiny_dir, tmp_p
     want = reference_logits(s.model, ids, 0, 0, segments=seg)
     got = reference_logits(model, ids, 0, 0, segments=seg)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    from toolchain.runtime.beacons import beacon_from_checkpoint
+    from converters.beacon_checkpoint import beacon_from_checkpoint
 
     bc = beacon_from_checkpoint(out)
     assert (bc.token_id, bc.interval, bc.token) == (98, C, "<|beacon|>")
@@ -393,7 +392,7 @@ def test_cli_train_beacons(tiny_dir, tmp_path):
 
 
 def test_beacon_from_checkpoint_validation(tmp_path):
-    from toolchain.runtime.beacons import beacon_from_checkpoint
+    from converters.beacon_checkpoint import beacon_from_checkpoint
 
     assert beacon_from_checkpoint(tmp_path) is None
     (tmp_path / "kvtool.json").write_text(json.dumps({"beacon": {"token_id": 5, "interval": 0}}))
@@ -425,8 +424,9 @@ def sp_ckpt(tmp_path_factory):
 
 
 def test_convert_checkpoint_carries_beacon_keys_and_runs(sp_ckpt, patched_runtime):
+    from converters.beacon_checkpoint import convert_checkpoint
     from converters.gguf_budgets import open_gguf, read_budgets
-    from toolchain.runtime.beacons import convert_checkpoint, generate_with_beacons
+    from toolchain.runtime.beacons import generate_with_beacons
     from toolchain.runtime.model import Model
 
     ckpt, d = sp_ckpt
@@ -443,9 +443,9 @@ def test_convert_checkpoint_carries_beacon_keys_and_runs(sp_ckpt, patched_runtim
 
 
 def test_convert_checkpoint_with_mask(sp_ckpt, patched_runtime):
+    from converters.beacon_checkpoint import convert_checkpoint
     from converters.gguf_budgets import read_budgets
     from toolchain.heads import random_mask
-    from toolchain.runtime.beacons import convert_checkpoint
 
     ckpt, d = sp_ckpt
     out = convert_checkpoint(ckpt, d / "bm.gguf", mask=random_mask(2, 2, 0.5, seed=0), outtype="f32")
@@ -454,8 +454,8 @@ def test_convert_checkpoint_with_mask(sp_ckpt, patched_runtime):
 
 
 def test_gguf_without_the_beacon_token_is_rejected(sp_ckpt, tmp_path):
+    from converters.beacon_checkpoint import check_beacon_token, write_beacon_keys
     from converters.hf_to_gguf import hf_to_gguf
-    from toolchain.runtime.beacons import check_beacon_token, write_beacon_keys
 
     ckpt, d = sp_ckpt
     plain = d / "plain.gguf"

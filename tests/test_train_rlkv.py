@@ -1,4 +1,4 @@
-"""Tests for RLKV gate training (toolchain/train/rlkv.py), the task layer (toolchain/tasks.py) and `kvtool train`.
+"""Tests for RLKV gate training (toolchain/train/rlkv.py), the task layer (toolchain/tasks/) and `kvtool train`.
 
 CPU only, tiny random llama (2 layers, 2 KV heads), a few steps each. A random model earns no task reward, so the
 RL pieces are driven by fake reward functions and a local toy task; the formulas are checked against independent
@@ -17,11 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from toolchain.attention import get_kvtool, load_with_kvtool, freeze_all_but_gates, set_gates  # noqa: E402
 from toolchain.errors import KvtoolError  # noqa: E402
 from toolchain.heads import HeadsMask  # noqa: E402
 from toolchain.tasks import Problem, build_prompt, extract_answer, make_problems, register_task, score  # noqa: E402
-from toolchain.train import rlkv  # noqa: E402
+from toolchain.train import common, rlkv  # noqa: E402
+from toolchain.train.attention import freeze_all_but_gates, get_kvtool, load_with_kvtool, set_gates  # noqa: E402
 from toolchain.train.rlkv import TrainConfig  # noqa: E402
 
 torch.set_num_threads(1)
@@ -247,7 +247,7 @@ def test_ratio_is_one_with_a_single_update_and_logprobs_match_generate(gated):
     torch.manual_seed(1)
     P = ro.n_prompt
     gc = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6,
-                          pad_token_id=tok.pad_token_id, eos_token_id=rlkv._eos_ids(model, tok), output_logits=True,
+                          pad_token_id=tok.pad_token_id, eos_token_id=common.eos_ids(model, tok), output_logits=True,
                           return_dict_in_generate=True)
     out = model.generate(input_ids=ro.ids[:, :P], attention_mask=ro.attn[:, :P], generation_config=gc)
     assert torch.equal(out.sequences, ro.ids)  # same RNG, same samples

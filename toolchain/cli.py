@@ -49,7 +49,7 @@ def build_runtime_cmd(backend, portable, jobs, sdist, rebuild):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(as_json):
     """Report versions, whether the patched runtime is loaded, and optional extras."""
-    from .doctor import collect
+    from .commands.doctor import collect
 
     info = collect()
     if as_json:
@@ -82,12 +82,12 @@ def fetch(name):
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="PNG of decode tok/s and KV bytes vs context.")
 def bench(model, ctx, variants, prompt, n_decode, repeats, ubatch, threads, as_json, md_out, plot_out):
     """Same file, mixed KV off vs on (vs on + q8_0): KV bytes, prefill and decode tok/s."""
-    from . import bench as b
+    from .commands import bench as b
 
     try:
         ctxs = [int(x) for x in ctx.split(",") if x.strip()]
     except ValueError:
-        raise KvtoolError(f"--ctx must be comma-separated integers, got {ctx!r}")
+        raise KvtoolError(f"--ctx must be comma-separated integers, got {ctx!r}") from None
     rows = b.run_bench(model, ctxs, [v.strip() for v in variants.split(",") if v.strip()], prompt, n_decode, repeats,
                        ubatch, threads, echo=_echo)
     table = b.markdown(rows)

@@ -1,7 +1,7 @@
 """heads.json: which KV heads keep a full cache and which keep only sink + window.
 
 Why one module: the mask rule must be identical for importers, random baselines, training and ``convert``
-(ARCHITECTURE §1), so it lives here once. The rule is deterministic on purpose: RLKV's own rule is a global
+(docs/architecture.md §1), so it lives here once. The rule is deterministic on purpose: RLKV's own rule is a global
 quantile with random tie noise, which would make two conversions of the same scores differ.
 
 The rule (``mask_from_scores``): clip scores to [0, 1]; compress the k = floor(s·N + 1/2) lowest-scored heads,

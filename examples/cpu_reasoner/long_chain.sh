@@ -20,14 +20,14 @@ THREADS=${THREADS:-2}
 PY=${PYTHON:-python}
 TASK=cyclic_sum
 
-KV=("$PY" -c 'import sys, toolchain.train.reasoner; from toolchain.cli import main; sys.argv[0] = "kvtool"; main()')
+KV=("$PY" -c 'import sys; from toolchain.cli import main; sys.argv[0] = "kvtool"; main()')
 kv() { "${KV[@]}" "$@"; }
 
 mkdir -p "$OUT/masks" "$OUT/gguf"
 HF="$OUT/hf"
 BASE="$OUT/gguf/reasoner-f32.gguf"
-P=$("$PY" -c 'from toolchain.train.cyclic_sum import PROMPT_LEN; print(PROMPT_LEN)')
-G=$("$PY" -c 'from toolchain.train.cyclic_sum import COT_LEN; print(COT_LEN)')
+P=$("$PY" -c 'from toolchain.tasks.cyclic_sum import PROMPT_LEN; print(PROMPT_LEN)')
+G=$("$PY" -c 'from toolchain.tasks.cyclic_sum import COT_LEN; print(COT_LEN)')
 
 # 1. the reasoner, trained from scratch on the task
 [ -f "$OUT/train.json" ] || nice -n 19 "$PY" -m toolchain.train.reasoner train --task "$TASK" --out "$OUT" \

@@ -24,7 +24,7 @@ TRAIN_THREADS=${TRAIN_THREADS:-0}  # torch threads; 0 = auto (1 vs 2, re-probed:
 PY=${PYTHON:-python}
 
 # kvtool with the reasoner's task registered (kvtool train heads --task long_addition needs it)
-KV=("$PY" -c 'import sys, toolchain.train.reasoner; from toolchain.cli import main; sys.argv[0] = "kvtool"; main()')
+KV=("$PY" -c 'import sys; from toolchain.cli import main; sys.argv[0] = "kvtool"; main()')
 kv() { "${KV[@]}" "$@"; }
 kv_eval() {  # `kvtool eval` once cli.py registers it; the command object directly until then
     if kv eval --help >/dev/null 2>&1; then kv eval "$@"; else
@@ -105,8 +105,8 @@ kv_eval "${PPL_MODELS[@]}" --ppl "$OUT/sequences.txt" --n-ctx 278 --ubatch 64 --
 #    '#' (id 3) is the vocabulary's reserved beacon character: never in the training data, so it is reused.
 if [ "$BEACONS" = 1 ]; then
     BMODELS=("$BASE")
-    P=$("$PY" -c 'from toolchain.train.reasoner import PROMPT_LEN; print(PROMPT_LEN)')
-    G=$("$PY" -c 'from toolchain.train.reasoner import COT_LEN; print(COT_LEN)')
+    P=$("$PY" -c 'from toolchain.tasks.long_addition import PROMPT_LEN; print(PROMPT_LEN)')
+    G=$("$PY" -c 'from toolchain.tasks.long_addition import COT_LEN; print(COT_LEN)')
     for c in $INTERVALS; do
         ck="$OUT/beacons/c$c/model"
         if [ ! -f "$ck/kvtool.json" ]; then

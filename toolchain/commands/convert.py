@@ -1,30 +1,23 @@
-"""``kvtool convert MODEL --mask heads.json``: a GGUF with the mask's budgets as kvtool keys (ARCHITECTURE §1-2).
+"""``kvtool convert MODEL --mask heads.json``: a GGUF with the mask's budgets as kvtool keys (docs/architecture.md).
 
 MODEL is a GGUF (metadata-only rewrite; tensors streamed byte for byte) or a Hugging Face directory (converted by
 the pinned llama.cpp converter first). Flags override heads.json values, so one heads.json serves several runs.
-``convert_model`` is the library entry; the click command is a shell around it.
+``converters.convert.convert_model`` is the library entry; the click command is a shell around it.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import click
 
+from converters.beacon_checkpoint import beacon_from_checkpoint, convert_checkpoint
+from converters.convert import convert_model, default_output
+from converters.hf_to_gguf import OUTTYPES
+
 from ..errors import KvtoolError
 from ..heads import HeadsMask, check_sink, check_sparsity, check_window
-
-Echo = Callable[[str], None]
-
-
-def default_output(model: Path) -> Path:
-    """``<stem>.kvtool.gguf`` next to the input (for a directory: next to it, named after it)."""
-    model = Path(model)
-    if model.is_dir():
-        return model.resolve().parent / f"{model.resolve().name}.kvtool.gguf"
-    name = model.name[:-5] if model.name.lower().endswith(".gguf") else model.name
-    return model.parent / f"{name}.kvtool.gguf"
 
 
 def resolve_mask(mask: HeadsMask, sparsity: Optional[float] = None, per_layer: Optional[bool] = None,
@@ -39,47 +32,6 @@ def resolve_mask(mask: HeadsMask, sparsity: Optional[float] = None, per_layer: O
     return mask.validate()
 
 
-def convert_model(model: str | Path, mask: HeadsMask, out: Optional[str | Path] = None,
-                  outtype: Optional[str] = None, beacon_token: Optional[int] = None,
-                  beacon_interval: Optional[int] = None, echo: Echo = lambda m: None) -> Path:
-    """Write the converted model and return its path. Nothing is left behind on error or interrupt."""
-    from converters.gguf_budgets import apply_mask, model_shape, open_gguf
-
-    src = Path(model)
-    if not src.exists():
-        raise KvtoolError(f"{src}: no such file or directory")
-    dst = Path(out) if out is not None else default_output(src)
-    if (beacon_token is None) != (beacon_interval is None):
-        raise KvtoolError("--beacon-token and --beacon-interval go together")
-    if src.is_dir():
-        from converters.hf_to_gguf import hf_to_gguf, inspect_hf_dir
-
-        hf = inspect_hf_dir(src)  # fails on an unsupported architecture before anything slow runs
-        if (mask.n_layer, mask.n_head_kv) != (hf.n_layer, hf.n_head_kv):
-            from ..heads import shape_error
-
-            raise shape_error((mask.n_layer, mask.n_head_kv), (hf.n_layer, hf.n_head_kv))
-        if dst.is_dir() or not dst.parent.is_dir():
-            raise KvtoolError(f"cannot write {dst}: not a file path in an existing directory")
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix=".kvtool-convert.", dir=dst.parent) as tmp:
-            base = hf_to_gguf(src, Path(tmp) / "base.gguf", outtype or "f16", echo)
-            apply_mask(base, dst, mask, beacon_token, beacon_interval)
-        return dst
-    if outtype is not None:
-        raise KvtoolError("--outtype applies to Hugging Face directories; a GGUF's tensors are copied unchanged")
-    with open_gguf(src) as h:
-        model_shape(h)  # a clear error for a bad file before the mask check
-    return apply_mask(src, dst, mask, beacon_token, beacon_interval)
-
-
-def _outtypes() -> list[str]:
-    from converters.hf_to_gguf import OUTTYPES
-
-    return list(OUTTYPES)
-
-
 @click.command("convert")
 @click.argument("model", type=click.Path())
 @click.option("--mask", "mask_path", type=click.Path(dir_okay=False), default=None,
@@ -91,14 +43,13 @@ def _outtypes() -> list[str]:
 @click.option("--window", type=int, default=None, help="Window W of compressed heads (default: heads.json, else 64).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output GGUF (default: <stem>.kvtool.gguf next to MODEL).")
-@click.option("--outtype", type=click.Choice(_outtypes(), case_sensitive=False), default=None,
+@click.option("--outtype", type=click.Choice(list(OUTTYPES), case_sensitive=False), default=None,
               help="For a Hugging Face directory: tensor type (default f16).")
 @click.option("--beacon-token", type=int, default=None, help="Beacon token id (with --beacon-interval).")
 @click.option("--beacon-interval", type=int, default=None, help="Beacon every C generated tokens.")
 def convert(model, mask_path, sparsity, per_layer, sink, window, output, outtype, beacon_token, beacon_interval):
     """Write MODEL (GGUF or Hugging Face dir) with the head budgets of a heads.json as kvtool.* keys."""
     t0 = time.perf_counter()
-    from ..runtime.beacons import beacon_from_checkpoint, convert_checkpoint
     from ..validate import check_input_path, check_output_path
 
     # every input (the model file or every file of a checkpoint directory, the mask) is compared with -o by

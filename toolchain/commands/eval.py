@@ -45,6 +45,7 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
              ppl_tokens, as_json, quiet):
     """Evaluate GGUF files (full vs mixed KV) on a verifiable task, or measure perplexity/KL with --ppl."""
     from .. import eval as ev
+    from ..eval.records import check_writable
 
     if not models:
         raise KvtoolError("give at least one MODEL.gguf")
@@ -60,7 +61,7 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
             if bad:
                 raise KvtoolError(f"unknown variant {bad[0]!r} (choose from full, mixed, auto)")
             mixed = True if "mixed" in vlist else (False if vlist == ["full"] else None)
-        out_p = ev._check_writable(out, "output")
+        out_p = check_writable(out, "output")
         results = []
         for m in models:
             results.append(ev.run_ppl(m, ppl, n_ctx=n_ctx or 512, max_tokens=ppl_tokens, n_ubatch=n_ubatch,

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import click
 
 from ..errors import KvtoolError
+from ..gguf_keys import CACHE_TYPES
 
 
 def load_options(f):
@@ -22,8 +22,7 @@ def load_options(f):
         click.option("--n-ubatch", type=int, default=512, show_default=True,
                      help="Micro-batch; rings hold window + sink + n_ubatch cells, so smaller saves memory."),
         click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)."),
-        click.option("--cache-type", type=click.Choice(["f16", "f32", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-                                                       "iq4_nl"]), default="f16", show_default=True,
+        click.option("--cache-type", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
                      help="KV cache type (quantized types need flash attention)."),
         click.option("--no-mixed", is_flag=True, help="Ignore the file's budgets: a full KV cache, for comparison."),
         click.option("--no-beacons", is_flag=True,

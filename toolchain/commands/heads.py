@@ -1,4 +1,4 @@
-"""``kvtool heads``: make, import and look at heads.json masks (ARCHITECTURE §1).
+"""``kvtool heads``: make, import and look at heads.json masks (docs/architecture.md §1).
 
 Thin shells over ``toolchain.heads`` so tests and users run the same code. Without ``-o`` the JSON goes to
 stdout, which keeps the commands pipeable.

@@ -12,7 +12,8 @@ from typing import Optional
 import click
 
 from ..errors import KvtoolError
-from ..runtime.memory import CACHE_TYPES, KVPlan, ModelDims, dims_from_gguf, predict
+from ..gguf_keys import cache_type as check_cache_type
+from ..runtime.memory import ModelDims, dims_from_gguf, predict
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
@@ -36,13 +37,8 @@ def _load(model: str):
     return dims, read_budgets(model)
 
 
-def _check_cache(cache_type: str) -> None:
-    if cache_type not in CACHE_TYPES:
-        raise KvtoolError(f"unknown cache type {cache_type!r} (choose from {', '.join(CACHE_TYPES)})")
-
-
 def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type: str, flash_attn: bool) -> dict:
-    _check_cache(cache_type)
+    check_cache_type(cache_type)
     dims, b = _load(model)
     windows = b.head_window if b else None
     plan = predict(dims, windows, b.sink if b else 0, n_ctx, n_ubatch, n_seq, cache_type, cache_type, flash_attn,

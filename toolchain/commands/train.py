@@ -73,10 +73,8 @@ def heads_cmd(model, tasks, method, steps, batch, group, sink, window, l1, tau, 
         --steps 200 --batch 16 --group 4 --sink 16 --window 64 -o heads.json
     """
     require_train_extras()
-    from ..eval import load_task_providers
-    from ..train.rlkv import TrainConfig, train as run_train
-
-    load_task_providers()  # local tasks (e.g. the CPU reasoner's long_addition) register themselves on import
+    from ..train.rlkv import TrainConfig
+    from ..train.rlkv import train as run_train
 
     cfg = TrainConfig(model=model, tasks=tuple(tasks), method=method, steps=steps, batch=batch, group=group, sink=sink,
                       window=window, l1=l1, tau=tau, lr=lr, max_new_tokens=max_new_tokens, temperature=temperature,

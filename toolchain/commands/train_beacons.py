@@ -78,7 +78,8 @@ def beacons_cmd(model, tasks, interval, steps, batch, group, max_new_tokens, tem
       kvtool convert beacon-ckpt -o beacon.gguf
     """
     _require_extras(full)
-    from ..train.beacons import BeaconTrainConfig, train as run_train
+    from ..train.beacons import BeaconTrainConfig
+    from ..train.beacons import train as run_train
 
     cfg = BeaconTrainConfig(model=model, tasks=tuple(tasks), interval=interval, steps=steps, batch=batch, group=group,
                             max_new_tokens=max_new_tokens, temperature=temperature, lr=lr, beacon_lr=beacon_lr,

@@ -1,8 +1,8 @@
-"""The run-time beacon loop (ARCHITECTURE §5) on llama.cpp's low-level API.
+"""The run-time beacon loop (docs/architecture.md §5) on llama.cpp's low-level API.
 
 Every ``c`` generated tokens the loop decodes the beacon token at the next position, **then** removes the ``c`` chunk
 tokens before it with ``llama_memory_seq_rm(mem, seq, chunk_start, chunk_end)``. Positions stay as holes, so RoPE
-distances are the ones training used (``toolchain.attention.beacon_layout``): a token of chunk i sees the prompt, the
+distances are the ones training used (``toolchain.train.attention.beacon_layout``): a token of chunk i sees the prompt, the
 beacons b_1..b_{i-1} and the earlier tokens of chunk i. The beacon is decoded *before* the eviction because llama.cpp
 requires a batch to continue at ``seq_pos_max + 1``. The prompt is never evicted; beacon tokens are never yielded
 (nor sampled: the sampler gives the beacon id a -inf bias). Live KV cells then peak at
@@ -31,19 +31,17 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import json
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import KvtoolError
+from .library import kv_used_cells
+from .stats import GenStats
 
-__all__ = ["BeaconGenerator", "BeaconStats", "beacon_config", "beacon_from_checkpoint", "check_beacon_token",
-           "convert_checkpoint", "generate_with_beacons", "peak_bound", "write_beacon_keys"]
+__all__ = ["BeaconGenerator", "BeaconStats", "beacon_config", "generate_with_beacons", "peak_bound"]
 
 
 def peak_bound(n_prompt: int, n_gen: int, interval: int) -> int:
@@ -157,8 +155,6 @@ class BeaconGenerator:
         st.peak_live_cells = max(st.peak_live_cells, st.live_cells)
         if self._measure:
             try:
-                from .library import kv_used_cells
-
                 full, _ = kv_used_cells(self.ctx)
             except Exception:  # stock runtime: no kvtool C API, the logical count is all we have
                 self._measure = False
@@ -372,8 +368,6 @@ def generate_with_beacons(model, prompt: Union[str, Sequence[int]], max_tokens: 
             owner._beacon_gen = gen
     gen.owner = owner
 
-    from .model import GenStats
-
     rec = GenStats(prompt_tokens=len(tokens), prompt_eval_tokens=len(tokens))
     t0 = time.perf_counter()
     if owner is not None:
@@ -431,94 +425,3 @@ def generate_with_beacons(model, prompt: Union[str, Sequence[int]], max_tokens: 
     if stream:
         return run()
     return "".join(run())
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# GGUF side: kvtool.json of a trained checkpoint -> kvtool.beacon.* keys (torch-free, for `kvtool convert`)
-# ---------------------------------------------------------------------------------------------------------------------
-KVTOOL_JSON = "kvtool.json"
-
-
-@dataclass(frozen=True)
-class CheckpointBeacon:
-    token_id: int
-    interval: int
-    token: Optional[str]  # the token's text, when the checkpoint added one (None: unknown)
-
-
-def beacon_from_checkpoint(ckpt_dir: Union[str, os.PathLike]) -> Optional[CheckpointBeacon]:
-    """The beacon a ``kvtool train beacons`` checkpoint declares in ``kvtool.json``; None when the directory has none."""
-    path = Path(ckpt_dir) / KVTOOL_JSON
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KvtoolError(f"{path}: unreadable ({e.__class__.__name__})") from None
-    b = info.get("beacon") if isinstance(info, dict) else None
-    if not isinstance(b, dict):
-        raise KvtoolError(f"{path}: no 'beacon' object")
-    tok, c = b.get("token_id"), b.get("interval")
-    if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok <= 0xFFFFFFFF:
-        raise KvtoolError(f"{path}: beacon.token_id must be an integer >= 0, got {tok!r}")
-    if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= 0xFFFFFFFF:
-        raise KvtoolError(f"{path}: beacon.interval must be an integer >= 1, got {c!r}")
-    text = b.get("token")
-    return CheckpointBeacon(tok, c, text if isinstance(text, str) and not b.get("reused") else None)
-
-
-def check_beacon_token(gguf: Union[str, os.PathLike], token_id: int, token: Optional[str] = None) -> None:
-    """KvtoolError unless the GGUF's vocabulary has ``token_id`` (spelled ``token`` when given)."""
-    from converters.gguf_budgets import open_gguf
-
-    with open_gguf(gguf) as h:
-        toks = h.value("tokenizer.ggml.tokens")
-    n = len(toks) if isinstance(toks, list) else 0
-    if not 0 <= int(token_id) < n:
-        raise KvtoolError(f"{gguf}: the vocabulary ({n} tokens) lacks the beacon token id {token_id}; "
-                          f"was the checkpoint's tokenizer saved with the beacon token?")
-    if token is not None and toks[int(token_id)] != token:
-        raise KvtoolError(f"{gguf}: token {token_id} is {toks[int(token_id)]!r}, not the beacon {token!r}; "
-                          f"the vocabulary lacks the beacon token")
-
-
-def write_beacon_keys(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], token_id: int, interval: int,
-                      token: Optional[str] = None) -> Path:
-    """``dst`` = ``src`` + ``kvtool.beacon.token_id/interval`` (other kvtool keys kept; tensors byte for byte)."""
-    from converters.gguf_budgets import (K_BEACON_INTERVAL, K_BEACON_TOKEN, K_VERSION, KVTOOL_VERSION, T_U32, Value,
-                                         rewrite_gguf)
-
-    if int(interval) < 1:
-        raise KvtoolError(f"beacon interval must be >= 1, got {interval}")
-    check_beacon_token(src, token_id, token)
-    keys = {K_VERSION: Value(T_U32, KVTOOL_VERSION), K_BEACON_TOKEN: Value(T_U32, int(token_id)),
-            K_BEACON_INTERVAL: Value(T_U32, int(interval))}
-    return rewrite_gguf(src, dst, keys, drop=lambda k: k.startswith("kvtool.beacon."))
-
-
-def convert_checkpoint(ckpt_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], mask=None,
-                       outtype: Optional[str] = None, echo: Callable[[str], None] = lambda m: None) -> Path:
-    """``kvtool convert CKPT_DIR [--mask heads.json] -o m.gguf`` for a beacon checkpoint: HF -> GGUF with the
-    beacon keys from ``kvtool.json`` (and the mask's budgets when given). The beacon must be in the GGUF vocabulary."""
-    import tempfile
-
-    src, dst = Path(ckpt_dir), Path(out)
-    bc = beacon_from_checkpoint(src)
-    if bc is None:
-        raise KvtoolError(f"{src}: no {KVTOOL_JSON} (not a `kvtool train beacons` checkpoint)")
-    if mask is not None:
-        from ..commands.convert import convert_model
-
-        with tempfile.TemporaryDirectory(prefix=".kvtool-beacon.", dir=dst.parent) as tmp:
-            mid = convert_model(src, mask, Path(tmp) / "masked.gguf", outtype, bc.token_id, bc.interval, echo)
-            check_beacon_token(mid, bc.token_id, bc.token)
-            os.replace(mid, dst)
-        return dst
-    from converters.hf_to_gguf import hf_to_gguf, inspect_hf_dir
-
-    inspect_hf_dir(src)
-    if dst.is_dir() or not dst.parent.is_dir():
-        raise KvtoolError(f"cannot write {dst}: not a file path in an existing directory")
-    with tempfile.TemporaryDirectory(prefix=".kvtool-beacon.", dir=dst.parent) as tmp:
-        base = hf_to_gguf(src, Path(tmp) / "base.gguf", outtype or "f16", echo)
-        return write_beacon_keys(base, dst, bc.token_id, bc.interval, bc.token)

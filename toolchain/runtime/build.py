@@ -1,4 +1,4 @@
-"""Build and install the patched llama-cpp-python (ARCHITECTURE §6).
+"""Build and install the patched llama-cpp-python (docs/architecture.md §6).
 
 Why this shape:
 - We never vendor llama.cpp. The pinned llama-cpp-python sdist already carries it, so we patch that tree
@@ -30,11 +30,8 @@ from typing import Callable, Optional
 
 from ..errors import KvtoolError
 from ..paths import REPO_ROOT, cache_root
+from ..sdist import SDIST_PROJECT, SDIST_TOP, SDIST_VERSION, fetch_sdist
 
-SDIST_PROJECT = "llama-cpp-python"
-SDIST_VERSION = "0.3.36"
-SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
-SDIST_TOP = f"llama_cpp_python-{SDIST_VERSION}"
 # Bump when the recipe below changes in a way that changes the produced wheel.
 RECIPE_VERSION = "1"
 
@@ -96,24 +93,6 @@ def installed_build() -> Optional[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- sdist
-
-
-def fetch_sdist(echo: Echo) -> Path:
-    """The pinned sdist, downloaded once into the cache with pip (no binary, no dependencies)."""
-    dest = cache_root() / "sdist"
-    path = dest / SDIST_FILE
-    if path.exists() and tarfile.is_tarfile(path):
-        return path
-    dest.mkdir(parents=True, exist_ok=True)
-    echo(f"[kvtool] downloading {SDIST_PROJECT}=={SDIST_VERSION} sdist")
-    # --no-binary for this one project only: ':all:' would also compile cmake from source for the build env.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-           "--no-binary", SDIST_PROJECT, f"{SDIST_PROJECT}=={SDIST_VERSION}", "-d", str(dest)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0 or not path.exists():
-        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise KvtoolError(f"could not download the {SDIST_PROJECT} sdist: {last}", code=1)
-    return path
 
 
 def check_sdist(path: Path) -> Path:
@@ -187,7 +166,7 @@ def sync_tree(src: Path, dst: Path) -> int:
                 continue
             shutil.copyfile(s, d)
             changed += 1
-    for root, dirs, files in os.walk(dst):
+    for root, _dirs, files in os.walk(dst):
         rel_root = Path(root).relative_to(dst)
         if rel_root.parts[:2] == ("llama_cpp", "lib") or ".git" in rel_root.parts:
             continue  # CMake installs the built libraries here

@@ -18,14 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import KvtoolError
-
-# ggml block size and bytes per block of the cache types llama.cpp accepts for K/V
-CACHE_TYPES = {
-    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2),
-    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "iq4_nl": (32, 18),
-}
-# ggml_type enum values, for llama_context_params.type_k/type_v
-GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+from ..gguf_keys import CACHE_TYPES, cache_type
 
 
 def pad(x: int, n: int) -> int:
@@ -33,7 +26,7 @@ def pad(x: int, n: int) -> int:
 
 
 def row_bytes(cache_type: str, n: int) -> int:
-    blck, size = CACHE_TYPES[cache_type]
+    blck, size = CACHE_TYPES[cache_type][1:]
     if n % blck:
         raise KvtoolError(f"cache type {cache_type} needs rows that are a multiple of {blck} values, got {n}")
     return n // blck * size
@@ -81,7 +74,7 @@ def dims_from_gguf(path: str | Path) -> ModelDims:
     return ModelDims(f.arch, f.n_layer, f.n_head_kv, f.head_dim_k, f.head_dim_v, f.n_ctx_train)
 
 
-def _cache_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
+def cache_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
                  type_k: str, type_v: str, flash_attn: bool) -> int:
     v_max = max(dims.head_dim_v * h for h in heads_per_layer)
     total = 0
@@ -99,8 +92,7 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
     """Bytes the runtime allocates for these settings; ``windows`` [layer][head] (0 = full) or None for stock."""
     type_v = type_v or type_k
     for t in (type_k, type_v):
-        if t not in CACHE_TYPES:
-            raise KvtoolError(f"unknown cache type {t!r} (choose from {', '.join(CACHE_TYPES)})")
+        cache_type(t)
     if n_ctx < 1 or n_ubatch < 1 or n_seq < 1:
         raise KvtoolError("n_ctx, n_ubatch and n_seq must be >= 1")
     n_ctx_pad = pad(n_ctx, 256)
@@ -109,7 +101,7 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
     else:
         n_ctx_seq = pad(n_ctx_pad // n_seq, 256)
     streams = 1 if unified else n_seq
-    stock = _cache_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
+    stock = cache_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
 
     def eff(w: int) -> int:
         return 0 if w >= n_ctx_seq else w
@@ -124,11 +116,11 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
     for w in groups:
         per_layer = [sum(1 for x in row if eff(x) == w) for row in windows]
         if w == 0:
-            full_bytes = _cache_bytes(dims, per_layer, n_ctx_seq, streams, type_k, type_v, flash_attn)
+            full_bytes = cache_bytes(dims, per_layer, n_ctx_seq, streams, type_k, type_v, flash_attn)
         else:
             need = (w + sink) * (n_seq if unified else 1) + n_ubatch
             cells = min(n_ctx_seq, pad(min(n_ctx_seq, need), 256))
             ring_cells[w] = cells
-            ring_bytes += _cache_bytes(dims, per_layer, cells, streams, type_k, type_v, flash_attn)
+            ring_bytes += cache_bytes(dims, per_layer, cells, streams, type_k, type_v, flash_attn)
     return KVPlan(n_ctx_pad, n_ctx_seq, stock, full_bytes, ring_bytes, n_ctx_seq if 0 in groups else 0,
                   ring_cells, True)

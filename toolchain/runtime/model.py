@@ -7,7 +7,7 @@ kvtool needs on top:
   file's ``kvtool.kv.enabled`` through ``kv_overrides``, so one file A/B-tests a full cache against a mixed one;
 * flash attention defaults to ON for files with budgets. Without it llama.cpp stores V transposed and pads every
   layer's V rows to the largest per-layer head count ([TAG_V_CACHE_VARIABLE]), so per-layer masks would lose
-  their V savings (ARCHITECTURE §4);
+  their V savings (docs/architecture.md §4);
 * threads default to the physical core count: oversubscribing hyperthreads was measured to collapse throughput;
 * prefix reuse is guarded: llama.cpp keeps the cache from the previous call and only evaluates the new suffix, but
   a mixed cache can refuse a tail truncation (``llama_memory_seq_rm`` returns false once a ring has dropped cells
@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from ..errors import KvtoolError
+from .stats import GenStats
 
 Messages = Sequence[dict]
 
@@ -42,43 +42,6 @@ def _default_threads() -> int:
     except ImportError:  # pragma: no cover - threads.py is part of the package
         return max(1, os.cpu_count() or 1)
     return physical_cores()
-
-
-@dataclass
-class GenStats:
-    """Timing of the latest generation. Rates are None when there is nothing to divide by."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0         # prompt prefix reused from the previous call's KV cache
-    prompt_eval_tokens: int = 0    # prompt tokens actually evaluated
-    generated_tokens: int = 0      # tokens sampled, the end-of-generation token excluded
-    prefill_s: float = 0.0         # start of the call to the first sampled token
-    decode_s: float = 0.0          # first to last sampled token
-    total_s: float = 0.0
-    finish_reason: str = ""        # "stop" (end token or stop string), "length", "cancelled"
-    cache_fallback: bool = False   # the mixed cache refused the prefix cut; the prompt was re-evaluated
-    _sampled: int = field(default=0, repr=False)
-
-    @property
-    def prefill_tok_s(self) -> Optional[float]:
-        return self.prompt_eval_tokens / self.prefill_s if self.prompt_eval_tokens and self.prefill_s > 0 else None
-
-    @property
-    def decode_tok_s(self) -> Optional[float]:
-        # n sampled tokens are separated by n-1 single-token decodes
-        return (self._sampled - 1) / self.decode_s if self._sampled > 1 and self.decode_s > 0 else None
-
-    def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                "prompt_eval_tokens": self.prompt_eval_tokens, "generated_tokens": self.generated_tokens,
-                "prefill_s": round(self.prefill_s, 6), "decode_s": round(self.decode_s, 6),
-                "total_s": round(self.total_s, 6), "prefill_tok_s": _r(self.prefill_tok_s),
-                "decode_tok_s": _r(self.decode_tok_s), "finish_reason": self.finish_reason,
-                "cache_fallback": self.cache_fallback}
-
-
-def _r(x: Optional[float]) -> Optional[float]:
-    return None if x is None else round(x, 2)
 
 
 def _llama_class():
@@ -265,10 +228,11 @@ class Model:
         """
         from converters.gguf_budgets import read_budgets
 
-        from .library import require_patched
-        from .memory import GGML_TYPE_IDS, dims_from_gguf
-
+        from ..gguf_keys import K_ENABLED
+        from ..gguf_keys import cache_type as check_cache_type
         from ..validate import I32_MAX, N_CTX_MAX, U32_MAX, cap_threads, check_int
+        from .library import require_patched
+        from .memory import dims_from_gguf
 
         p = _check_path(path)
         budgets = read_budgets(p)  # KvtoolError for a non-GGUF or truncated file, or bad kvtool keys
@@ -282,8 +246,7 @@ class Model:
         seed = check_int("seed", seed, 0, U32_MAX)
         if n_threads is not None:
             n_threads = cap_threads(n_threads, echo=_note)
-        if cache_type not in GGML_TYPE_IDS:
-            raise KvtoolError(f"unknown cache type {cache_type!r} (choose from {', '.join(GGML_TYPE_IDS)})")
+        tid = check_cache_type(cache_type).ggml_id
         has_budgets = budgets is not None and budgets.head_window is not None
         overrides = None
         if mixed is not None:
@@ -291,7 +254,7 @@ class Model:
                 raise KvtoolError(f"{p}: mixed=True but the file has no kvtool budgets "
                                   f"(write them with: kvtool convert {p.name} --mask heads.json)")
             if has_budgets:
-                overrides = {"kvtool.kv.enabled": bool(mixed)}
+                overrides = {K_ENABLED: bool(mixed)}
         has_beacons = budgets is not None and budgets.beacon_token_id is not None
         if beacons and not has_beacons:
             raise KvtoolError(f"{p}: beacons=True but the file has no kvtool.beacon keys")
@@ -301,7 +264,6 @@ class Model:
         _check_memory(dims, budgets if has_budgets and mixed is not False else None, n_ctx, n_ubatch, cache_type, fa)
         require_patched()
         threads = int(n_threads) if n_threads is not None else _default_threads()
-        tid = GGML_TYPE_IDS[cache_type]
         try:
             llm = _cls()(str(p), n_ctx=int(n_ctx), n_batch=max(512, int(n_ubatch)), n_ubatch=int(n_ubatch),
                          n_threads=threads, n_threads_batch=threads, flash_attn=fa, type_k=tid, type_v=tid,

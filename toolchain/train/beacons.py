@@ -1,7 +1,7 @@
 """Beacon training (``kvtool train beacons``): Breadcrumbs Reasoning (arXiv 2510.13797), joint distillation + RL.
 
 Every ``c`` generated tokens the model decodes a learned beacon token, and the ``c`` tokens before it leave the KV
-cache (ARCHITECTURE §5). A model has to learn to write what it will still need into the beacon's KV entries. Recipe:
+cache (docs/architecture.md §5). A model has to learn to write what it will still need into the beacon's KV entries. Recipe:
 
 * **beacon token**: a new special token ``<|beacon|>`` is added to the tokenizer, the input embedding and an untied
   ``lm_head`` (rows initialised to the mean of the existing rows). ``reuse_token=ID`` takes an existing id instead
@@ -10,7 +10,7 @@ cache (ARCHITECTURE §5). A model has to learn to write what it will still need 
 * **teacher** = the same model with no beacons and a full cache: the LoRA model with its adapter disabled, or, with
   ``full=True``, a frozen copy made before any change. It samples rollouts on the task, scored by the task verifier;
 * **student** = the model with beacons. It sees each teacher rollout with a beacon after every ``c`` completion tokens
-  under the beacon mask (``toolchain.attention.use_segments``). Loss: token-level KL(teacher ‖ student) on every
+  under the beacon mask (``toolchain.train.attention.use_segments``). Loss: token-level KL(teacher ‖ student) on every
   completion token (``distill_on="correct"`` keeps only rollouts the verifier accepts), plus, when ``rl_weight > 0``,
   a GRPO term (group-normalised advantages, PPO-clip) on the student's *own* compressed-mode rollouts. That term is
   zero until the student earns reward with some variance inside a group, which is the paper's point: RL alone cannot
@@ -39,7 +39,6 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,18 +47,46 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..attention import (_model_dims, beacon_layout, find_kvtool, get_kvtool, load_with_kvtool, unload_kvtool,
-                         use_segments, use_slot_positions)
+from converters.beacon_checkpoint import KVTOOL_JSON
+
 from ..errors import KvtoolError
 from ..heads import write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
-from .rlkv import (_eos_ids, _left_pad, _positions, _rewrite_log, batch_indices, clipped_objective,
-                   group_advantages, load_model, load_state, open_out_dir, resolve_device, resolve_dtype,
-                   rng_state, save_state_atomic, seed_all, set_rng_state)
+from .attention import (
+    _model_dims,
+    beacon_layout,
+    find_kvtool,
+    get_kvtool,
+    load_with_kvtool,
+    unload_kvtool,
+    use_segments,
+    use_slot_positions,
+)
+from .common import (
+    batch_indices,
+    checkpoint_path,
+    clipped_objective,
+    config_mismatch,
+    echo_stderr,
+    eos_ids,
+    group_advantages,
+    left_pad,
+    load_model,
+    load_state,
+    open_out_dir,
+    positions,
+    resolve_device,
+    resolve_dtype,
+    rewrite_log,
+    rng_state,
+    row_slices,
+    save_state_atomic,
+    seed_all,
+    set_rng_state,
+)
 
 BEACON_TOKEN = "<|beacon|>"
 DEFAULT_INTERVAL = 16
-KVTOOL_JSON = "kvtool.json"
 JSON_FORMAT = "kvtool.beacons/1"
 CKPT_FORMAT = "kvtool.beacons-ckpt/1"
 RewardFn = Callable[[Problem, str], float]
@@ -330,10 +357,10 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
     ``forced`` [B, T] feeds fixed tokens instead (teacher forcing); ``record`` receives the logits [B, V] used for
     every sampled token. Returns each row's completion up to and including its first EOS."""
     device = next(model.parameters()).device
-    ids, attn = _left_pad(prompts, pad_id)
+    ids, attn = left_pad(prompts, pad_id)
     ids, attn = ids.to(device), attn.to(device)
     B, P = ids.shape
-    pos = _positions(attn)
+    pos = positions(attn)
     # Each cache slot's sequence position, kept through evictions so per-head windows (--mask) measure positions.
     slot_pos = pos.clone()
     has_kvtool = find_kvtool(model) is not None
@@ -401,7 +428,7 @@ def rollouts(model, tok, problems: Sequence[Problem], group: int, max_new_tokens
              beacon_id: int, interval: Optional[int] = None, reward_fn: RewardFn = score) -> Rollouts:
     """``group`` samples per problem (rows grouped by problem), scored by ``reward_fn``."""
     prompts = [encode_prompt(p, tok) for p in problems for _ in range(group)]
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     comps = sample(model, prompts, max_new_tokens, temperature, beacon_id, eos, int(tok.pad_token_id), interval)
     texts = [tok.decode(c, skip_special_tokens=True) for c in comps]
     rewards = torch.tensor([float(reward_fn(problems[i // group], t)) for i, t in enumerate(texts)])
@@ -460,7 +487,7 @@ def student_batch(prompts: Sequence[Sequence[int]], comps: Sequence[Sequence[int
 
 def student_logits(setup: Setup, sb: StudentBatch) -> torch.Tensor:
     """[B, T, V] float32 logits at the rows predicting each completion token, under the beacon mask (beacon banned)."""
-    from ..attention import BeaconSegments
+    from .attention import BeaconSegments
 
     device = next(setup.model.parameters()).device
     ids, attn = sb.ids.to(device), sb.attn.to(device)
@@ -477,12 +504,12 @@ def teacher_logits(setup: Setup, prompts: Sequence[Sequence[int]], comps: Sequen
     """[B, T, V] float32 logits of the beacon-free model (full cache) predicting each completion token."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, comps)]
     pad = int(setup.tok.pad_token_id)
-    ids, attn = _left_pad(seqs, pad)  # left padding: every row's completion ends at the same column
+    ids, attn = left_pad(seqs, pad)  # left padding: every row's completion ends at the same column
     T = max((len(c) for c in comps), default=0)
     with setup.teacher() as teacher:
         device = next(teacher.parameters()).device
         ids, attn = ids.to(device), attn.to(device)
-        out = teacher(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False,
+        out = teacher(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False,
                       logits_to_keep=T + 1)
     lg = out.logits[:, :-1].float()  # [B, T, V_teacher]; row j predicts the token T - j columns from the end
     B = len(seqs)
@@ -534,11 +561,6 @@ def student_logprobs(setup: Setup, prompts, comps, temperature: float) -> tuple[
     return torch.where(mask, lp, torch.zeros_like(lp)), mask
 
 
-def _row_slices(n: int, micro: int) -> list[slice]:
-    micro = micro or n
-    return [slice(i, min(n, i + micro)) for i in range(0, n, micro)]
-
-
 def beacon_step(setup: Setup, opt: torch.optim.Optimizer, problems: Sequence[Problem], cfg: BeaconTrainConfig,
                 reward_fn: RewardFn = score, teacher_data: Optional[Rollouts] = None) -> dict:
     """One optimiser step: teacher rollouts → KL distillation (+ GRPO on student rollouts when enabled)."""
@@ -556,7 +578,7 @@ def beacon_step(setup: Setup, opt: torch.optim.Optimizer, problems: Sequence[Pro
     n_tok = sum(len(c) for c in comps)
     opt.zero_grad(set_to_none=True)
     kl_sum = 0.0
-    for sl in _row_slices(len(comps), cfg.micro_batch):
+    for sl in row_slices(len(comps), cfg.micro_batch):
         k, _ = distill_kl(setup, prompts[sl], comps[sl], grad=True, scale=1.0 / max(1, n_tok))
         kl_sum += k
     stats = {"kl": kl_sum / n_tok if n_tok else None, "teacher_reward": float(teacher_data.rewards.mean()),
@@ -570,7 +592,7 @@ def beacon_step(setup: Setup, opt: torch.optim.Optimizer, problems: Sequence[Pro
         rl_tok = sum(len(c) for c in sr.comps)
         rl_loss = 0.0
         if bool((adv != 0).any()) and rl_tok:  # the student earns reward with some variance: GRPO has a signal
-            for sl in _row_slices(len(sr.comps), cfg.micro_batch):
+            for sl in row_slices(len(sr.comps), cfg.micro_batch):
                 lp, mask = student_logprobs(setup, sr.prompts[sl], sr.comps[sl], cfg.temperature)
                 loss = clipped_objective(lp, lp.detach(), adv[sl].to(lp.device), mask, cfg.clip_eps)
                 (loss * cfg.rl_weight / rl_tok).backward()
@@ -610,10 +632,6 @@ def lr_factor(cfg: BeaconTrainConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def checkpoint_path(out_dir, step: int) -> Path:
-    return Path(out_dir) / "ckpt" / f"step_{step}.pt"
-
-
 def trainable_state(setup: Setup) -> dict:
     return {n: p.detach().cpu().clone() for n, p in setup.trainable()}
 
@@ -643,20 +661,6 @@ def restore(setup: Setup, opt: torch.optim.Optimizer, st: dict) -> int:
     opt.load_state_dict(st["optimizer"])
     set_rng_state(st["rng"])
     return int(st["step"])
-
-
-def config_mismatch(saved: dict, cfg: BeaconTrainConfig) -> list[str]:
-    bad = []
-    for k, v in dataclasses.asdict(cfg).items():
-        if k in RESUMABLE_CHANGES or k not in saved:
-            continue
-        old = saved[k]
-        v, old = (list(v) if isinstance(v, tuple) else v), (list(old) if isinstance(old, tuple) else old)
-        if k == "model":
-            v, old = str(Path(v).resolve()), str(Path(old).resolve())
-        if old != v:
-            bad.append(f"{k} ({old!r} in the checkpoint, {v!r} now)")
-    return bad
 
 
 # What a tokenizer may consist of on disk; convert_hf_to_gguf.py reads these (tokenizer.model for SentencePiece vocabularies,
@@ -716,12 +720,8 @@ class BeaconTrainResult:
     last: Optional[dict] = None
 
 
-def _echo_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def train(cfg: BeaconTrainConfig, reward_fn: RewardFn = score, progress: bool = True,
-          echo: Callable[[str], None] = _echo_stderr, model_and_tok=None, export: bool = True) -> BeaconTrainResult:
+          echo: Callable[[str], None] = echo_stderr, model_and_tok=None, export: bool = True) -> BeaconTrainResult:
     """Run ``kvtool train beacons``. ``reward_fn``/``model_and_tok`` let tests inject a verifier or a loaded model."""
     device = resolve_device(cfg.device)
     out_dir, log_path, ckpt = open_out_dir(cfg.out_dir, cfg.resume)
@@ -737,11 +737,11 @@ def train(cfg: BeaconTrainConfig, reward_fn: RewardFn = score, progress: bool = 
     start = 0
     if cfg.resume and ckpt is not None:
         st = load_checkpoint(ckpt)
-        bad = config_mismatch(st["config"], cfg)
+        bad = config_mismatch(st["config"], cfg, RESUMABLE_CHANGES)
         if bad:
             raise KvtoolError(f"--resume with settings that differ from {ckpt.name}: " + "; ".join(bad))
         start = restore(setup, opt, st)
-        _rewrite_log(log_path, start)
+        rewrite_log(log_path, start)
         echo(f"resuming from {ckpt} (step {start})")
     else:
         if cfg.resume:

@@ -1,18 +1,9 @@
-"""The CPU-trainable reasoner: labelled long addition, a character tokenizer, a small GQA llama and its training loop.
+"""The CPU-trainable reasoner: a character tokenizer, a small GQA llama and its training loop.
 
 No real reasoning model can be loaded offline, so ``examples/cpu_reasoner`` trains one from scratch on CPU and runs
-the whole kvtool pipeline on it. The design follows the measured feasibility study (``/work/shared/CPU_REASONER.md``):
-
-**Task** (``long_addition``, registered in :mod:`toolchain.tasks`): two N = 25 digit numbers, least significant digit
-first, each digit position labelled by a letter. Character tokens, one id per character::
-
-    prompt (77 tokens)            ^A65B67C08D41E85...Y15=
-    chain of thought (201 tokens) A65+0=11B67+1=14C08+1=09D41+0=05E85+0=13...Y15+0=06$
-
-``^`` is the begin token (BOS), ``$`` the end token (EOS), ``#`` the beacon token. Every step ``L a b + c = t u`` copies
-the label and both operand digits from the prompt (76 or more tokens back) and adds the carry ``c`` of the previous
-step; ``t u`` are the tens and units of ``a + b + c`` (so ``t`` is the next carry). A compressed head with a small
-window cannot see the operands, so compression must keep the heads that copy them.
+the whole kvtool pipeline on it (the feasibility study behind these choices is summarised in
+``docs/architecture.md``). The tasks it learns, ``long_addition`` and ``cyclic_sum``, live in :mod:`toolchain.tasks`
+with their shared alphabet (``^`` begin, ``$`` end, ``#`` beacon, one id per character).
 
 **Tokenizer**: saved twice with the same ids, as a ``tokenizer.json`` (WordLevel; ``PreTrainedTokenizerFast`` loads
 it, its post-processor adds ``^``) and as a SentencePiece ``tokenizer.model`` with one piece per character, written
@@ -30,8 +21,7 @@ With ``minutes=`` the cosine runs over wall-clock time (the step count is unknow
 CLI: ``python -m toolchain.train.reasoner train --out DIR --minutes 25`` and
 ``python -m toolchain.train.reasoner eval DIR --n 200``.
 
-torch/transformers are imported inside the functions: importing this module only registers the task (cheap), which
-is what ``kvtool eval --task long_addition`` needs.
+torch/transformers are imported inside the functions, so importing this module stays cheap.
 """
 from __future__ import annotations
 
@@ -47,183 +37,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ..tasks import Problem, register_task
-
-__all__ = [
-    "TASK", "N_DIGITS", "PROMPT_LEN", "COT_LEN", "SEQ_LEN", "VOCAB", "STOI", "PAD", "BOS", "EOS", "BEACON",
-    "encode", "decode", "sequences_text", "make_example", "make_batch", "make_problems", "score_completion", "token_accuracy",
-    "save_tokenizer", "spm_model_bytes", "make_config", "make_model", "TrainConfig", "train", "evaluate",
-    "load_hf", "head_sensitivity", "TaskSpec", "TASK_SPECS", "task_spec",
-]
-
-TASK = "long_addition"
-N_DIGITS = 25
-LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-# id -> character. Order: pad, begin, end, beacon, digits, operators, labels, unknown, padding to 48 entries.
-VOCAB: list[str] = (["<pad>", "^", "$", "#"] + list("0123456789") + list("+=;|") + list(LABELS) + ["<unk>"]
-                    + [f"<x{i}>" for i in range(3)])
-STOI = {c: i for i, c in enumerate(VOCAB)}
-PAD, BOS, EOS, BEACON, UNK = STOI["<pad>"], STOI["^"], STOI["$"], STOI["#"], STOI["<unk>"]
-_DIGIT0 = STOI["0"]
-_LABEL0 = STOI["A"]
-_PLUS, _EQ = STOI["+"], STOI["="]
-
-
-def prompt_len(n: int = N_DIGITS) -> int:
-    return 1 + 3 * n + 1
-
-
-def cot_len(n: int = N_DIGITS) -> int:
-    return 8 * n + 1
-
-
-PROMPT_LEN = prompt_len()  # 77
-COT_LEN = cot_len()        # 201
-SEQ_LEN = PROMPT_LEN + COT_LEN  # 278
-
-
-# --- task ----------------------------------------------------------------------------------------------------------
-def encode(text: str) -> list[int]:
-    """Characters -> ids (no BOS added). Unknown characters map to ``<unk>``."""
-    return [STOI.get(c, UNK) for c in text]
-
-
-def decode(ids: Sequence[int]) -> str:
-    """Ids -> characters; pad/begin/end/unknown ids are dropped."""
-    skip = {PAD, BOS, EOS, UNK}
-    return "".join(VOCAB[i] for i in ids if 0 <= i < len(VOCAB) and i not in skip and not VOCAB[i].startswith("<"))
-
-
-def _texts(a: Sequence[int], b: Sequence[int]) -> tuple[str, str]:
-    """Digits (LSB first) -> (question without ``^``, chain without ``$``)."""
-    n = len(a)
-    if n > len(LABELS):
-        raise ValueError(f"at most {len(LABELS)} digits (one label letter each), got {n}")
-    q = "".join(f"{LABELS[i]}{a[i]}{b[i]}" for i in range(n)) + "="
-    steps, c = [], 0
-    for i in range(n):
-        s = a[i] + b[i] + c
-        steps.append(f"{LABELS[i]}{a[i]}{b[i]}+{c}={s // 10}{s % 10}")
-        c = s // 10
-    return q, "".join(steps)
-
-
-def make_example(rng: np.random.Generator, n: int = N_DIGITS) -> dict:
-    """One problem: ``{"question", "answer", "a", "b"}`` (digits least significant first)."""
-    a = rng.integers(0, 10, n).tolist()
-    b = rng.integers(0, 10, n).tolist()
-    q, ans = _texts(a, b)
-    return {"question": q, "answer": ans, "a": a, "b": b}
-
-
-def make_batch(rng: np.random.Generator, batch: int, n: int = N_DIGITS) -> np.ndarray:
-    """``[batch, prompt_len + cot_len]`` int64 ids of fresh problems, ``^`` first and ``$`` last (vectorised)."""
-    a = rng.integers(0, 10, (batch, n))
-    b = rng.integers(0, 10, (batch, n))
-    P = prompt_len(n)
-    out = np.empty((batch, P + cot_len(n)), dtype=np.int64)
-    out[:, 0] = BOS
-    lab = _LABEL0 + np.arange(n)
-    out[:, 1:1 + 3 * n:3] = lab
-    out[:, 2:2 + 3 * n:3] = _DIGIT0 + a
-    out[:, 3:3 + 3 * n:3] = _DIGIT0 + b
-    out[:, P - 1] = _EQ
-    c = np.zeros(batch, dtype=np.int64)
-    for i in range(n):
-        s = a[:, i] + b[:, i] + c
-        base = P + 8 * i
-        out[:, base] = lab[i]
-        out[:, base + 1] = _DIGIT0 + a[:, i]
-        out[:, base + 2] = _DIGIT0 + b[:, i]
-        out[:, base + 3] = _PLUS
-        out[:, base + 4] = _DIGIT0 + c
-        out[:, base + 5] = _EQ
-        out[:, base + 6] = _DIGIT0 + s // 10
-        out[:, base + 7] = _DIGIT0 + s % 10
-        c = s // 10
-    out[:, -1] = EOS
-    return out
-
-
-def _normalize(completion: str) -> str:
-    """What is compared: beacons and whitespace removed, a trailing ``$`` (if the decoder kept it) dropped."""
-    s = "".join(completion.split()).replace("#", "")
-    return s[:-1] if s.endswith("$") else s
-
-
-def score_completion(completion: Optional[str], entry: dict) -> float:
-    """1.0 iff the whole chain of thought is exactly right (the scorer of both reasoner tasks)."""
-    if completion is None:
-        return 0.0
-    return 1.0 if _normalize(completion) == entry["answer"] else 0.0
-
-
-def token_accuracy(completion: str, answer: str) -> float:
-    """Fraction of the ``len(answer) + 1`` chain-of-thought tokens that are right, position by position; the last
-    one is the end token, right iff the completion stops exactly after the chain."""
-    c = _normalize(completion)
-    hits = sum(1 for x, y in zip(c, answer) if x == y) + (1 if len(c) == len(answer) else 0)
-    return hits / (len(answer) + 1)
-
-
-def make_problems(n: int, seed: int, n_digits: int = N_DIGITS) -> list[Problem]:
-    """``n`` problems, deterministic in ``seed``; the prompt is the question verbatim (the runtime adds ``^``)."""
-    rng = np.random.Generator(np.random.PCG64([int(seed), 0x5EA50]))
-    out = []
-    for i in range(n):
-        e = make_example(rng, n_digits)
-        out.append(Problem(TASK, i, e["question"], e["answer"], e, score_completion, prompt=e["question"],
-                           extract=False))
-    return out
-
-
-def sequences_text(n: int, seed: int = 2_000_000, n_digits: int = N_DIGITS) -> str:
-    """``n`` whole sequences ``^question=chain$`` back to back: a text in the reasoner's alphabet for
-    ``kvtool eval --ppl`` (``^``/``$`` are parsed as the begin/end tokens)."""
-    rng = np.random.Generator(np.random.PCG64([int(seed), 0x7E47]))
-    return "".join("".join(VOCAB[i] for i in row) for row in make_batch(rng, n, n_digits))
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What the trainer needs from a task: its fixed prompt and chain lengths and a vectorised batch maker
-    (``rng, batch -> [batch, prompt_len + cot_len]`` ids, ``^`` first and ``$`` last)."""
-    prompt_len: int
-    cot_len: int
-    make_batch: Callable[[np.random.Generator, int], np.ndarray]
-
-
-# task name -> spec; ``cyclic_sum`` (the long-chain task) adds itself on import
-TASK_SPECS: dict[str, TaskSpec] = {TASK: TaskSpec(PROMPT_LEN, COT_LEN, lambda rng, batch: make_batch(rng, batch))}
-
-
-def task_spec(task: str = TASK, n_digits: int = N_DIGITS) -> TaskSpec:
-    """The spec of ``task``; ``n_digits`` resizes ``long_addition`` (tests use short ones)."""
-    if task == TASK and n_digits != N_DIGITS:
-        return TaskSpec(prompt_len(n_digits), cot_len(n_digits), lambda rng, batch: make_batch(rng, batch, n_digits))
-    if task not in TASK_SPECS:
-        raise ValueError(f"unknown reasoner task {task!r} (known: {', '.join(sorted(TASK_SPECS))})")
-    return TASK_SPECS[task]
-
-
-def _metrics(problem: Problem, completion: str) -> dict:
-    return {"token_acc": token_accuracy(completion, problem.answer)}
-
-
-register_task(TASK, make_problems)
-
-
-def register_reasoner_metrics(task: str) -> None:
-    """Token accuracy as an extra ``kvtool eval`` metric of ``task`` (the reasoner's tasks share it)."""
-    try:
-        from ..eval import register_metrics
-    except ImportError:  # pragma: no cover - eval.py is part of the package
-        return
-    register_metrics(task, _metrics)
-
-
-register_reasoner_metrics(TASK)
+from ..tasks.alphabet import BOS, EOS, PAD, UNK, VOCAB
+from ..tasks.long_addition import N_DIGITS, TASK, prompt_len, sequences_text
+from ..tasks.registry import task_spec
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------------------
@@ -600,12 +416,12 @@ def evaluate(model, n: int = 200, seed: int = 1_000_000, n_digits: int = N_DIGIT
              windows=None, sink: int = 4, task: str = TASK) -> dict:
     """Held-out exact match, token accuracy (free-running greedy vs the reference, position by position) and
     teacher-forced chain-of-thought loss. ``windows`` ([layer][kv head], 0 = full) evaluates a head mask with the
-    PyTorch reference attention (``toolchain.attention``), the same semantics as the runtime."""
+    PyTorch reference attention (``toolchain.train.attention``), the same semantics as the runtime."""
     import torch
 
     model.eval()
     if windows is not None:
-        from ..attention import load_with_kvtool, unload_kvtool
+        from .attention import load_with_kvtool, unload_kvtool
 
         load_with_kvtool(model, windows, sink)
     try:
@@ -635,7 +451,7 @@ def head_sensitivity(model, sink: int = 4, window: int = 32, n: int = 64, seed: 
     should approach; ``heads.json`` scores read the same way (high = keep full)."""
     import torch
 
-    from ..attention import load_with_kvtool, unload_kvtool
+    from .attention import load_with_kvtool, unload_kvtool
 
     model.eval()
     cfg = model.config
@@ -745,11 +561,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-# the long-chain task registers itself (task, metrics, spec); it needs the names above, so it is imported last
-from . import cyclic_sum  # noqa: E402,F401
-
 if __name__ == "__main__":
-    # run the package's copy of this module: the registries above (TASK_SPECS) are filled in there, not in __main__
-    from toolchain.train.reasoner import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """RLKV gate training (``kvtool train heads``): which KV heads does reasoning need in full?
 
 Method (RLKV, arXiv 2510.08525). Every KV head (l, h) gets a gate α ∈ [0, 1], initialised to 1, that mixes its full
-attention with a sink + window ("stream") attention: ``out = α·full + (1 − α)·stream`` (``toolchain.attention``, the
+attention with a sink + window ("stream") attention: ``out = α·full + (1 − α)·stream`` (``toolchain.train.attention``, the
 same semantics the runtime implements). All model weights are frozen; only the L×H gates train, with
 
 * **GRPO without KL**: G completions per prompt sampled from the *gated* model, raw 0/1 rewards from the task's
@@ -41,10 +41,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import random
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,12 +48,36 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..attention import clamp_gates_, freeze_all_but_gates, get_kvtool, load_with_kvtool
 from ..errors import KvtoolError
 from ..heads import DEFAULT_SINK, DEFAULT_WINDOW, HeadsMask, check_sink, check_sparsity, check_window, write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
+from .attention import clamp_gates_, freeze_all_but_gates, get_kvtool, load_with_kvtool
+from .common import (
+    all_reduce_,
+    batch_indices,
+    checkpoint_path,
+    clipped_objective,
+    config_mismatch,
+    dist_rank_world,
+    echo_stderr,
+    eos_ids,
+    group_advantages,
+    init_dist,
+    left_pad,
+    load_model,
+    load_state,
+    open_out_dir,
+    positions,
+    resolve_device,
+    resolve_dtype,
+    rewrite_log,
+    rng_state,
+    row_slices,
+    save_state_atomic,
+    seed_all,
+    set_rng_state,
+)
 
 RewardFn = Callable[[Problem, str], float]
 METHOD_NAMES = {"rlkv": "kvtool-rlkv", "duo": "duo"}
@@ -137,115 +157,14 @@ def adaptive_beta(mean_reward: float, beta: float, tau: float) -> float:
     return beta * (math.exp(r) - 1.0) if r > tau else 0.0
 
 
-def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-4) -> torch.Tensor:
-    """(r − group mean) / (group std + eps) for rewards laid out group-contiguous ([p0 g0, p0 g1, ..., p1 g0, ...]).
-
-    std is the unbiased sample std (as in DeepSeekMath's GRPO and TRL); a group whose rewards are all equal gets 0.
-    """
-    r = rewards.float().reshape(-1, group)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
-    return adv.reshape(-1)
-
-
-def clipped_objective(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                      eps: float = 0.2) -> torch.Tensor:
-    """Sum over completion tokens of the PPO-clip loss −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), ρ = exp(logp − old_logp).
-
-    ``logp``/``old_logp``/``mask`` [N, T], ``adv`` [N]. Returns a sum: the caller divides by the batch's token count.
-    """
-    ratio = torch.exp(logp - old_logp)
-    a = adv.to(logp.dtype).unsqueeze(1)
-    obj = torch.minimum(ratio * a, ratio.clamp(1.0 - eps, 1.0 + eps) * a)
-    return -(obj * mask.to(obj.dtype)).sum()
-
-
-def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
-    """Problems of (1-based) ``step``: consecutive slices of a per-epoch seeded permutation. Stateless, so a resumed
-    run picks the same problems as an uninterrupted one."""
-    out, perms = [], {}
-    for k in range((step - 1) * batch, step * batch):
-        epoch, pos = divmod(k, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][pos]))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Process group (torchrun / accelerate launch) -- a no-op in a single process
 # ---------------------------------------------------------------------------------------------------------------
-def _dist() -> tuple[int, int]:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    if _dist()[1] > 1:
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def _init_dist(device: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model loading
 # ---------------------------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise KvtoolError("--device cuda but torch sees no CUDA device (use --device cpu)")
-        if "LOCAL_RANK" in os.environ:
-            name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    elif name != "cpu" and not name.startswith("cuda:"):
-        raise KvtoolError(f"--device must be auto, cuda or cpu, got {name!r}")
-    return name
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"bf16": torch.bfloat16, "f32": torch.float32}[name]
-
-
-def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a Hugging Face directory or a GGUF file (dequantized by transformers ``gguf_file=``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(path)
-    if p.is_dir():
-        src, kw = p, {}
-    elif p.is_file() and p.suffix.lower() == ".gguf":
-        src, kw = p.parent, {"gguf_file": p.name}
-    else:
-        raise KvtoolError(f"--model {path}: not a Hugging Face directory or a .gguf file")
-    try:
-        tok = AutoTokenizer.from_pretrained(src, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
-    except (OSError, ValueError, ImportError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise KvtoolError(f"cannot load {path} with transformers: {msg}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model.to(device)
-    model.eval()  # no dropout: the sampling and the loss see the same function
-    return model, tok
-
-
-def _eos_ids(model, tok) -> list[int]:
-    ids = {int(tok.eos_token_id)} if tok.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(int(x) for x in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-    if not ids:
-        raise KvtoolError("the tokenizer has no EOS token: cannot tell where a completion ends")
-    return sorted(ids)
 
 
 @contextlib.contextmanager
@@ -276,22 +195,6 @@ class Rollout:
     old_logp: Optional[torch.Tensor] = None  # [N, T], only with ppo_epochs > 1
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), int(pad_id), dtype=torch.long)
-    attn = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, P - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            attn[i, P - len(s):] = 1
-    return ids, attn
-
-
-def _positions(attn: torch.Tensor) -> torch.Tensor:
-    """The position ids ``generate`` uses with left padding: real tokens count from 0."""
-    return (attn.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def rollout(model, tok, problems: Sequence[Problem], group: int, max_new_tokens: int, temperature: float,
             reward_fn: RewardFn = score) -> Rollout:
@@ -300,9 +203,9 @@ def rollout(model, tok, problems: Sequence[Problem], group: int, max_new_tokens:
 
     device = next(model.parameters()).device
     prompts = [encode_prompt(p, tok) for p in problems]
-    ids, attn = _left_pad(prompts, tok.pad_token_id)
+    ids, attn = left_pad(prompts, tok.pad_token_id)
     ids, attn = ids.repeat_interleave(group, 0).to(device), attn.repeat_interleave(group, 0).to(device)
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     # Plain ancestral sampling at `temperature` (no top-k/top-p), so the loss's log-probs are the sampling policy's.
     gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                           pad_token_id=int(tok.pad_token_id), eos_token_id=eos)
@@ -320,7 +223,7 @@ def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_prompt: 
                         temperature: float = 1.0) -> torch.Tensor:
     """log p(token) of every completion token under the model's temperature-scaled distribution, [N, T] float32."""
     T = ids.shape[1] - n_prompt
-    out = model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn), use_cache=False,
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False,
                 logits_to_keep=T + 1)
     logits = out.logits[:, :-1].float() / temperature
     return torch.log_softmax(logits, -1).gather(-1, ids[:, n_prompt:].unsqueeze(-1)).squeeze(-1)
@@ -329,9 +232,6 @@ def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_prompt: 
 # ---------------------------------------------------------------------------------------------------------------
 # One training step
 # ---------------------------------------------------------------------------------------------------------------
-def _row_slices(n: int, micro: int) -> list[slice]:
-    micro = micro or n
-    return [slice(i, min(n, i + micro)) for i in range(0, n, micro)]
 
 
 def rlkv_step(model, tok, opt: torch.optim.Optimizer, problems: Sequence[Problem], cfg: TrainConfig,
@@ -345,17 +245,17 @@ def rlkv_step(model, tok, opt: torch.optim.Optimizer, problems: Sequence[Problem
     mask = ro.comp_mask.float()
     stats_t = torch.tensor([ro.rewards.sum().item(), ro.rewards.numel(), mask.sum().item()], dtype=torch.float64,
                            device=dev)
-    r_sum, n_rows, n_tok = _all_reduce_(stats_t).tolist()
+    r_sum, n_rows, n_tok = all_reduce_(stats_t).tolist()
     r_mean = r_sum / n_rows
     beta_p = adaptive_beta(r_mean, cfg.l1, cfg.tau)
-    rows = _row_slices(ro.ids.shape[0], cfg.micro_batch)
+    rows = row_slices(ro.ids.shape[0], cfg.micro_batch)
     if cfg.ppo_epochs > 1:  # the sampling pass's policy, frozen for all epochs
         with torch.no_grad():
             ro.old_logp = torch.cat([completion_logprobs(model, ro.ids[s], ro.attn[s], ro.n_prompt, cfg.temperature)
                                      for s in rows])
     pg_loss = l1_val = 0.0
     grad_norm = 0.0
-    any_signal = bool(_all_reduce_(torch.tensor([float(adv.abs().sum() > 0)], device=dev)).item() > 0)
+    any_signal = bool(all_reduce_(torch.tensor([float(adv.abs().sum() > 0)], device=dev)).item() > 0)
     for _ in range(cfg.ppo_epochs):
         opt.zero_grad(set_to_none=False)
         pg_loss = 0.0
@@ -368,8 +268,8 @@ def rlkv_step(model, tok, opt: torch.optim.Optimizer, problems: Sequence[Problem
                 pg_loss += loss.item()
         if gates.grad is None:
             gates.grad = torch.zeros_like(gates)
-        _all_reduce_(gates.grad)
-        pg_loss = float(_all_reduce_(torch.tensor([pg_loss], dtype=torch.float64, device=dev)).item())
+        all_reduce_(gates.grad)
+        pg_loss = float(all_reduce_(torch.tensor([pg_loss], dtype=torch.float64, device=dev)).item())
         l1 = beta_p * gates.abs().mean()
         if beta_p > 0:
             l1.backward()
@@ -428,8 +328,8 @@ def duo_step(model, opt: torch.optim.Optimizer, ids: torch.Tensor, tail: torch.T
     mse.backward()
     if gates.grad is None:
         gates.grad = torch.zeros_like(gates)
-    n_proc = float(_all_reduce_(torch.tensor([1.0], device=gates.device)).item())
-    _all_reduce_(gates.grad).div_(n_proc)
+    n_proc = float(all_reduce_(torch.tensor([1.0], device=gates.device)).item())
+    all_reduce_(gates.grad).div_(n_proc)
     l1 = cfg.l1 * gates.abs().mean()
     l1.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_([gates], cfg.grad_clip))
@@ -486,7 +386,7 @@ def _load_distill_cache(path: Path, pool: Sequence[Problem]) -> Optional[list[Pr
 def self_distill(model, tok, pool: Sequence[Problem], cfg: TrainConfig, reward_fn: RewardFn = score,
                  cache: Optional[Path] = None, progress: bool = False) -> list[Problem]:
     """Problems of ``pool`` that the ungated model solves at least once in ``cfg.group`` samples (cached as JSONL)."""
-    rank, world = _dist()
+    rank, world = dist_rank_world()
     if cache is not None and cache.exists():
         kept = _load_distill_cache(cache, pool)
         if kept is not None:
@@ -525,43 +425,6 @@ def self_distill(model, tok, pool: Sequence[Problem], cfg: TrainConfig, reward_f
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    st = np.random.get_state()
-    out = {"python": random.getstate(), "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])],
-           "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in st["python"]))
-    n = st["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def checkpoint_path(out_dir, step: int) -> Path:
-    return Path(out_dir) / "ckpt" / f"step_{step}.pt"
-
-
-def latest_checkpoint(out_dir) -> Optional[Path]:
-    d = Path(out_dir) / "ckpt"
-    found = []
-    for f in d.glob("step_*.pt") if d.is_dir() else []:
-        try:
-            found.append((int(f.stem.split("_", 1)[1]), f))
-        except ValueError:
-            continue
-    return max(found)[1] if found else None
 
 
 def save_checkpoint(path: Path, step: int, gates: torch.Tensor, opt: torch.optim.Optimizer, cfg: TrainConfig,
@@ -573,62 +436,8 @@ def save_checkpoint(path: Path, step: int, gates: torch.Tensor, opt: torch.optim
     return save_state_atomic(state, path)
 
 
-def save_state_atomic(state: dict, path: Path) -> Path:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def open_out_dir(out_dir, resume: bool):
-    """(out_dir, log path, latest checkpoint or None); a used out-dir without --resume is refused."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise KvtoolError(f"{out_dir} already holds checkpoints (latest {ckpt.name}): pass --resume or another --out-dir")
-    return out_dir, out_dir / "log.jsonl", ckpt
-
-
-def load_state(path: Path, fmt: str, what: str) -> dict:
-    """A checkpoint dict of format ``fmt``, or one KvtoolError line (``what`` names the kind of checkpoint)."""
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise KvtoolError(f"{path}: not a readable kvtool checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(st, dict) or st.get("format") != fmt:
-        raise KvtoolError(f"{path}: not a kvtool {what} checkpoint")
-    return st
-
-
 def load_checkpoint(path: Path) -> dict:
     return load_state(path, "kvtool.rlkv-ckpt/1", "RLKV")
-
-
-def config_mismatch(saved: dict, cfg: TrainConfig) -> list[str]:
-    now = dataclasses.asdict(cfg)
-    bad = []
-    for k, v in now.items():
-        if k in RESUMABLE_CHANGES or k not in saved:
-            continue
-        old = saved[k]
-        if isinstance(v, tuple):
-            v = list(v)
-        if isinstance(old, tuple):
-            old = list(old)
-        if k == "model":
-            v, old = str(Path(v).resolve()), str(Path(old).resolve())
-        if old != v:
-            bad.append(f"{k} ({old!r} in the checkpoint, {v!r} now)")
-    return bad
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -663,30 +472,12 @@ class TrainResult:
     kept: Optional[int] = None  # problems kept by self-distillation
 
 
-def _echo_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _rewrite_log(path: Path, upto: int) -> None:
-    """Drop log lines past the resumed step (they belong to the interrupted tail)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if int(json.loads(line).get("step", 0)) <= upto:
-                keep.append(line)
-        except (json.JSONDecodeError, ValueError, AttributeError):
-            continue
-    write_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode("utf-8"))
-
-
 def train(cfg: TrainConfig, reward_fn: RewardFn = score, progress: bool = True,
-          echo: Callable[[str], None] = _echo_stderr, model_and_tok=None) -> TrainResult:
+          echo: Callable[[str], None] = echo_stderr, model_and_tok=None) -> TrainResult:
     """Run ``kvtool train heads``. ``reward_fn``/``model_and_tok`` let tests inject a verifier or a loaded model."""
     device = resolve_device(cfg.device)
-    _init_dist(device)
-    rank, world = _dist()
+    init_dist(device)
+    rank, world = dist_rank_world()
     if cfg.method == "rlkv" and cfg.batch % world:
         raise KvtoolError(f"--batch {cfg.batch} must be a multiple of the number of processes ({world})")
     out_dir, log_path, ckpt = open_out_dir(cfg.out_dir, cfg.resume)
@@ -729,7 +520,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn = score, progress: bool = True,
     start = 0
     if cfg.resume and ckpt is not None:
         st = load_checkpoint(ckpt)
-        bad = config_mismatch(st["config"], cfg)
+        bad = config_mismatch(st["config"], cfg, RESUMABLE_CHANGES)
         if bad:
             raise KvtoolError(f"--resume with settings that differ from {ckpt.name}: " + "; ".join(bad))
         if len(st["rng"]) != world:
@@ -740,7 +531,7 @@ def train(cfg: TrainConfig, reward_fn: RewardFn = score, progress: bool = True,
         start = int(st["step"])
         set_rng_state(st["rng"][rank])
         if rank == 0:
-            _rewrite_log(log_path, start)
+            rewrite_log(log_path, start)
             echo(f"resuming from {ckpt} (step {start})")
     else:
         if cfg.resume and rank == 0:

@@ -12,8 +12,8 @@ the running sum ``s`` (two digits, mod 100, starting at 00) and writes ``L d + s
 prompt digit (a look-up by label, up to 500 tokens back) and the previous step's result (local). With c=16 each chunk
 holds exactly two steps, so a beacon must carry the last label and the two-digit sum across the eviction.
 
-Same alphabet, tokenizer and model as :mod:`toolchain.train.reasoner` (one vocabulary, so one tokenizer file set);
-``python -m toolchain.train.reasoner train --task cyclic_sum`` trains it.
+Same alphabet (:mod:`toolchain.tasks.alphabet`), tokenizer and model as ``long_addition`` (one vocabulary, so one
+tokenizer file set); ``python -m toolchain.train.reasoner train --task cyclic_sum`` trains it.
 """
 from __future__ import annotations
 
@@ -21,16 +21,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ..tasks import Problem, register_task
-from .reasoner import BOS, EOS, LABELS, STOI, TASK_SPECS, TaskSpec, register_reasoner_metrics, score_completion
+from .alphabet import BOS, DIGIT0, EOS, EQ, LABEL0, LABELS, PLUS, TaskSpec, score_completion
+from .base import Problem
 
 TASK = "cyclic_sum"
 N_DIGITS = 6   # prompt digits, labelled A..F
 N_STEPS = 64   # chain steps
 STEP_LEN = 8
-
-_DIGIT0, _LABEL0, _PLUS, _EQ = STOI["0"], STOI["A"], STOI["+"], STOI["="]
-
 
 def prompt_len(n: int = N_DIGITS) -> int:
     return 1 + 2 * n + 1
@@ -71,23 +68,23 @@ def make_batch(rng: np.random.Generator, batch: int, n: int = N_DIGITS, steps: i
     P = prompt_len(n)
     out = np.empty((batch, P + cot_len(steps)), dtype=np.int64)
     out[:, 0] = BOS
-    lab = _LABEL0 + np.arange(n)
+    lab = LABEL0 + np.arange(n)
     out[:, 1:1 + 2 * n:2] = lab
-    out[:, 2:2 + 2 * n:2] = _DIGIT0 + d
-    out[:, P - 1] = _EQ
+    out[:, 2:2 + 2 * n:2] = DIGIT0 + d
+    out[:, P - 1] = EQ
     s = np.zeros(batch, dtype=np.int64)
     for k in range(steps):
         i = k % n
         t = (s + d[:, i]) % 100
         base = P + STEP_LEN * k
         out[:, base] = lab[i]
-        out[:, base + 1] = _DIGIT0 + d[:, i]
-        out[:, base + 2] = _PLUS
-        out[:, base + 3] = _DIGIT0 + s // 10
-        out[:, base + 4] = _DIGIT0 + s % 10
-        out[:, base + 5] = _EQ
-        out[:, base + 6] = _DIGIT0 + t // 10
-        out[:, base + 7] = _DIGIT0 + t % 10
+        out[:, base + 1] = DIGIT0 + d[:, i]
+        out[:, base + 2] = PLUS
+        out[:, base + 3] = DIGIT0 + s // 10
+        out[:, base + 4] = DIGIT0 + s % 10
+        out[:, base + 5] = EQ
+        out[:, base + 6] = DIGIT0 + t // 10
+        out[:, base + 7] = DIGIT0 + t % 10
         s = t
     out[:, -1] = EOS
     return out
@@ -104,6 +101,4 @@ def make_problems(n: int, seed: int) -> list[Problem]:
     return out
 
 
-register_task(TASK, make_problems)
-register_reasoner_metrics(TASK)
-TASK_SPECS[TASK] = TaskSpec(PROMPT_LEN, COT_LEN, lambda rng, batch: make_batch(rng, batch))
+SPEC = TaskSpec(PROMPT_LEN, COT_LEN, lambda rng, batch: make_batch(rng, batch))

@@ -1,4 +1,4 @@
-"""PyTorch reference of kvtool's attention semantics (ARCHITECTURE §3 and §5).
+"""PyTorch reference of kvtool's attention semantics (docs/architecture.md §3 and §5).
 
 This module is the one place where "which key may a query see" is written down in PyTorch. RLKV gate training,
 beacon training and the llama.cpp parity tests all call it, so a disagreement between training and the runtime can
@@ -39,7 +39,6 @@ __all__ = [
     "beacon_layout",
     "beacon_visibility",
     "clamp_gates_",
-    "clear_gates",
     "freeze_all_but_gates",
     "find_kvtool",
     "get_kvtool",
@@ -72,7 +71,7 @@ def visibility_mask(
     sink: int,
     k_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Boolean "query may see key" mask of ARCHITECTURE §3.
+    """Boolean "query may see key" mask of docs/architecture.md §3.
 
     ``q_pos`` is ``[..., Tq]`` and ``k_pos`` ``[..., Tk]`` (same leading dims, or none). ``window`` is an int (one rule,
     result ``[..., Tq, Tk]``) or a per-KV-head int tensor ``[H]`` (result ``[..., H, Tq, Tk]``); 0 means a full head.
@@ -140,7 +139,7 @@ def insert_beacons(
 
 
 def beacon_visibility(chunk: torch.Tensor, is_beacon: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Boolean ``[..., T, T]`` visibility of ARCHITECTURE §5 for one sequence attending to itself.
+    """Boolean ``[..., T, T]`` visibility of docs/architecture.md §5 for one sequence attending to itself.
 
     ``chunk``/``is_beacon`` as in :class:`BeaconSegments`; ``pos`` defaults to ``0..T-1``. Causality is included
     (key position <= query position), so AND it with :func:`visibility_mask` for per-head compression.
@@ -190,7 +189,7 @@ def mixed_attention(
     it softmax over -inf would put NaN into gradients that reach the gates through earlier layers.
     """
     B, H, T, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     if H % Hkv:
         raise ValueError(f"n_head {H} is not a multiple of n_head_kv {Hkv}")
     G = H // Hkv
@@ -486,13 +485,6 @@ def set_gates(model: nn.Module, gates: Optional[torch.Tensor] = None, requires_g
             raise ValueError(f"gates must be [{state.n_layer}, {state.n_head_kv}], got {tuple(g.shape)}")
     state.gates = nn.Parameter(g.to(state.windows.device, torch.float32), requires_grad=requires_grad)
     return state.gates
-
-
-def clear_gates(model: nn.Module) -> None:
-    """Drop the gates: back to the ungated per-head windows."""
-    state = get_kvtool(model)
-    if state is not None:
-        state.gates = None
 
 
 def clamp_gates_(model: nn.Module) -> None:

@@ -10,10 +10,10 @@ import importlib.util
 import platform
 import sys
 
-from . import __version__
-from .paths import cache_root
-from .runtime.library import runtime_info
-from .runtime.threads import physical_cores
+from .. import __version__
+from ..paths import cache_root
+from ..runtime.library import runtime_info
+from ..runtime.threads import physical_cores
 
 # import name -> the `train` extra's distribution it comes from
 TRAIN_MODULES = {
@@ -37,7 +37,7 @@ def importable(module: str) -> bool:
 def expected_patch_hash():
     """The patch hash of this checkout's patches/ + cpp/ (None when they are not available, e.g. a plain wheel)."""
     try:
-        from .runtime.build import patch_hash
+        from ..runtime.build import patch_hash
 
         return patch_hash()
     except (OSError, ValueError):

@@ -1,38 +1,20 @@
-"""Verifiable reasoning tasks for RLKV training: prompts, answer extraction, 0/1 rewards.
+"""What every task shares: the ``Problem`` record, task specs, prompts, answer extraction and the 0/1 reward.
 
-Problems come from ``reasoning-gym`` (``reasoning_gym.create_dataset``): chain_sum, basic_arithmetic,
-simple_equations, gsm_symbolic, shortest_path, path_star ... Every prompt asks for the final answer inside
-``<answer>…</answer>``; the reward is the dataset's own ``score_answer`` on the text inside the last such tag,
-turned into a raw 0/1 reward (``>= 1.0`` is a solve). RLKV's adaptive L1 weight needs exactly that raw reward.
+Every prompt asks for the final answer inside ``<answer>…</answer>``; the reward is the problem's own scorer on the
+text inside the last such tag, turned into a raw 0/1 reward (``>= 1.0`` is a solve). RLKV's adaptive L1 weight needs
+exactly that raw reward. Local tasks with their own format (the CPU reasoner's) set ``prompt`` and ``extract=False``.
 
-A task spec is a dataset name with optional config overrides: ``chain_sum`` or ``chain_sum:min_terms=2,max_terms=3``
-(values are read as Python literals when they parse, otherwise as strings). Local tasks (tests, procedural examples)
-can be added with :func:`register_task`; they take precedence over reasoning-gym names.
-
-Problems are regenerated deterministically from ``(spec, n, seed)``, so a cache on disk only needs
-``(task, index)`` plus the question text as a check (see ``toolchain.train.rlkv``).
+A task spec is a name with optional config overrides: ``chain_sum`` or ``chain_sum:min_terms=2,max_terms=3``
+(values are read as Python literals when they parse, otherwise as strings).
 """
 from __future__ import annotations
 
 import ast
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
-from .errors import KvtoolError
-
-__all__ = [
-    "INSTRUCTION",
-    "Problem",
-    "build_prompt",
-    "encode_prompt",
-    "extract_answer",
-    "make_dataset",
-    "make_problems",
-    "parse_task",
-    "register_task",
-    "score",
-]
+from ..errors import KvtoolError
 
 INSTRUCTION = (
     "Solve the problem. You may think step by step first. Then give only the final answer inside "
@@ -60,15 +42,7 @@ class Problem:
     extract: bool = True
 
 
-# --- local tasks ---------------------------------------------------------------------------------------------
-_LOCAL: dict[str, Callable[[int, int], list[Problem]]] = {}
-
-
-def register_task(name: str, factory: Callable[[int, int], list[Problem]]) -> None:
-    """Add a local task: ``factory(n, seed)`` returns ``n`` Problems (each with a ``scorer``)."""
-    _LOCAL[name] = factory
-
-
+# --- task specs ------------------------------------------------------------------------------------------------
 def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
     """``"name:key=value,key=value"`` -> (name, overrides)."""
     name, _, rest = spec.partition(":")
@@ -85,49 +59,6 @@ def parse_task(spec: str) -> tuple[str, dict[str, Any]]:
         except (ValueError, SyntaxError):
             kwargs[key.strip()] = val.strip()
     return name, kwargs
-
-
-def make_dataset(task: str, n: int, seed: int) -> list[Problem]:
-    """``n`` problems of one task spec, deterministic in ``(task, n, seed)``."""
-    if n < 0:
-        raise KvtoolError(f"number of problems must be >= 0, got {n}")
-    name, kwargs = parse_task(task)
-    if name in _LOCAL:
-        if kwargs:
-            raise KvtoolError(f"local task {name!r} takes no options")
-        probs = _LOCAL[name](n, seed)
-        for i, p in enumerate(probs):
-            p.task, p.index = task, i
-        return probs
-    try:
-        import reasoning_gym
-    except ImportError:
-        raise KvtoolError("reasoning-gym tasks need reasoning-gym: pip install 'kvtool[train]'") from None
-    if n == 0:
-        return []
-    try:
-        ds = reasoning_gym.create_dataset(name, size=n, seed=seed, **kwargs)
-    except ValueError as e:
-        raise KvtoolError(f"task {task!r}: {e}") from None
-    except TypeError as e:  # unknown config key
-        raise KvtoolError(f"task {task!r}: bad option ({e})") from None
-    out = []
-    for i in range(n):
-        e = ds[i]
-        out.append(Problem(task, i, str(e["question"]), str(e["answer"]), e, ds.score_answer))
-    return out
-
-
-def make_problems(tasks: Sequence[str], n: int, seed: int) -> list[Problem]:
-    """``n`` problems spread round-robin over ``tasks`` (task i gets seed ``seed + i``)."""
-    if not tasks:
-        raise KvtoolError("give at least one --task")
-    counts = [n // len(tasks) + (1 if i < n % len(tasks) else 0) for i in range(len(tasks))]
-    per = [make_dataset(t, c, seed + i) for i, (t, c) in enumerate(zip(tasks, counts))]
-    out: list[Problem] = []
-    for j in range(max(counts, default=0)):
-        out.extend(p[j] for p in per if j < len(p))
-    return out
 
 
 # --- prompts ---------------------------------------------------------------------------------------------------

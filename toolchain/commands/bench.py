@@ -20,7 +20,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import KvtoolError
+from ..errors import KvtoolError
+from ..gguf_keys import CACHE_TYPES, K_ENABLED
+from ..runtime.handles import clear_kv, ctx_ptr, cut_kv
 
 VARIANTS = {
     "stock": dict(mixed=False, cache="f16"),
@@ -45,31 +47,24 @@ class BenchRow:
 def _load(path: Path, n_ctx: int, n_ubatch: int, n_threads: int, mixed: bool, cache: str):
     from llama_cpp import Llama
 
-    from .runtime.memory import GGML_TYPE_IDS
-
-    t = GGML_TYPE_IDS[cache]
+    t = CACHE_TYPES[cache].ggml_id
     return Llama(str(path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, n_threads=n_threads,
                  n_threads_batch=n_threads, flash_attn=True, type_k=t, type_v=t, verbose=False,
-                 kv_overrides={"kvtool.kv.enabled": mixed})
-
-
-def _clear(llm) -> None:
-    llm.reset()
-    llm._ctx.kv_cache_clear()
+                 kv_overrides={K_ENABLED: mixed})
 
 
 def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_decode: int, repeats: int,
               n_ubatch: int, n_threads: int, rng: np.random.Generator, echo: Callable[[str], None]) -> list[BenchRow]:
     """All variants of one context size, loaded side by side and measured in alternation (round robin), so a
     slowdown of the machine hits every variant alike and the ratios stay honest."""
-    from .runtime.library import kv_bytes
+    from ..runtime.library import kv_bytes
 
     llms = {}
     try:
         for v in variants:
             spec = VARIANTS[v]
             llms[v] = _load(path, ctx, n_ubatch, n_threads, spec["mixed"], spec["cache"])
-            if spec["mixed"] and not kv_bytes(llms[v]._ctx.ctx)[0]:
+            if spec["mixed"] and not kv_bytes(ctx_ptr(llms[v]))[0]:
                 raise KvtoolError(f"{path} has no kvtool budgets (mixed mode did not activate); convert it with --mask first")
         n_vocab = next(iter(llms.values())).n_vocab()
         lo = min(100, n_vocab // 10)  # stay clear of the special tokens at the start of most vocabularies
@@ -80,14 +75,14 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
         prefill = {v: [] for v in variants}
         for _ in range(repeats):
             for v, llm in llms.items():
-                _clear(llm)
+                clear_kv(llm)
                 t0 = time.perf_counter()
                 llm.eval(toks[:p])
                 prefill[v].append(p / (time.perf_counter() - t0))
 
         for v, llm in llms.items():
             echo(f"[bench] ctx {ctx} {v}: filling {fill} tokens")
-            _clear(llm)
+            clear_kv(llm)
             llm.eval(toks[:fill])
         decode = {v: [] for v in variants}
         for _ in range(repeats):
@@ -96,13 +91,13 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
                 for i in range(n_decode):
                     llm.eval([toks[fill + i]])
                 decode[v].append(n_decode / (time.perf_counter() - t0))
-                if not llm._ctx.kv_cache_seq_rm(0, fill, -1):
+                if not cut_kv(llm, fill):
                     raise KvtoolError("the cache refused to drop the decoded tail; cannot repeat the decode run")
                 llm.n_tokens = fill
 
         rows = []
         for v, llm in llms.items():
-            _, full, ring = kv_bytes(llm._ctx.ctx)
+            _, full, ring = kv_bytes(ctx_ptr(llm))
             rows.append(BenchRow(ctx, v, full + ring, full, ring, statistics.median(prefill[v]),
                                  statistics.median(decode[v]), prefill[v], decode[v]))
         return rows
@@ -114,10 +109,10 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
 def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock", "mixed", "mixed+q8_0"),
               prompt: int = 2048, n_decode: int = 32, repeats: int = 3, n_ubatch: int = 512,
               n_threads: Optional[int] = None, seed: int = 0, echo: Callable[[str], None] = print) -> list[BenchRow]:
-    from converters.gguf_budgets import open_gguf
+    from converters.gguf_budgets import open_gguf, read_budgets
 
-    from .runtime.library import require_patched
-    from .runtime.threads import physical_cores
+    from ..runtime.library import require_patched
+    from ..runtime.threads import physical_cores
 
     p = Path(path)
     if not p.is_file():
@@ -128,6 +123,10 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
     for v in variants:
         if v not in VARIANTS:
             raise KvtoolError(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
+    b = read_budgets(p)
+    if any(VARIANTS[v]["mixed"] for v in variants) and (b is None or b.head_window is None):
+        # checked before loading: the runtime refuses a kvtool.kv.enabled override on a file without budgets
+        raise KvtoolError(f"{path} has no kvtool budgets (mixed mode did not activate); convert it with --mask first")
     if repeats < 1 or n_decode < 1 or prompt < 1:
         raise KvtoolError("--repeats, --decode and --prompt must be >= 1")
     for c in ctxs:
@@ -143,6 +142,10 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
     return rows
 
 
+def _ratio(a: float, stock: Optional[float]) -> str:
+    return f"{a / stock:.3f}x" if stock else "-"
+
+
 def markdown(rows: list[BenchRow]) -> str:
     """A table with ratios against the stock variant of the same context."""
     base = {r.ctx: r for r in rows if r.variant == "stock"}
@@ -150,10 +153,9 @@ def markdown(rows: list[BenchRow]) -> str:
            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base.get(r.ctx)
-        rel = (lambda a, s: f"{a / s:.3f}x" if b and s else "-")
-        out.append(f"| {r.ctx} | {r.variant} | {r.kv_bytes / 2**20:.1f} | {rel(r.kv_bytes, b.kv_bytes if b else 0)} | "
-                   f"{r.prefill_tps:.1f} | {rel(r.prefill_tps, b.prefill_tps if b else 0)} | {r.decode_tps:.2f} | "
-                   f"{rel(r.decode_tps, b.decode_tps if b else 0)} |")
+        out.append(f"| {r.ctx} | {r.variant} | {r.kv_bytes / 2**20:.1f} | {_ratio(r.kv_bytes, b and b.kv_bytes)} | "
+                   f"{r.prefill_tps:.1f} | {_ratio(r.prefill_tps, b and b.prefill_tps)} | {r.decode_tps:.2f} | "
+                   f"{_ratio(r.decode_tps, b and b.decode_tps)} |")
     return "\n".join(out)
 
 
@@ -175,8 +177,10 @@ def plot(rows: list[BenchRow], out: str) -> None:
         rs = sorted((r for r in rows if r.variant == v), key=lambda r: r.ctx)
         a.plot([r.ctx for r in rs], [r.decode_tps for r in rs], marker="o", label=v)
         b.plot([r.ctx for r in rs], [r.kv_bytes / 2**20 for r in rs], marker="o", label=v)
-    a.set_xlabel("context (tokens)"); a.set_ylabel("decode tok/s"); a.legend()
-    b.set_xlabel("context (tokens)"); b.set_ylabel("KV cache MiB"); b.legend()
+    for ax, label in ((a, "decode tok/s"), (b, "KV cache MiB")):
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.legend()
     fig.tight_layout()
     tmp = Path(out).with_suffix(".tmp.png")
     fig.savefig(tmp)
