@@ -222,7 +222,12 @@ class GGUFHeader:
         kv = self.kvs.get(key)
         if kv is None:
             return default
-        return self._decode(kv.type, kv.value_start)[0]
+        try:
+            return self._decode(kv.type, kv.value_start)[0]
+        except UnicodeDecodeError:  # found by make fuzz: values are only decoded on demand
+            raise KvtoolError(f"{self.path}: {key[:80]} holds a string that is not UTF-8") from None
+        except (_Truncated, ValueError, struct.error):
+            raise KvtoolError(f"{self.path}: damaged value of {key[:80]}") from None
 
     def array_len(self, key: str) -> Optional[int]:
         kv = self.kvs.get(key)

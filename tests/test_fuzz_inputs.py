@@ -85,6 +85,9 @@ def gguf_cases() -> list:
     cases.append(("head_count_kv-ragged", header(model_kvs(n_layer=N_LAYER, n_head_kv=Value(T_ARR, [2, 2], T_U32)))))
     cases += [("arch-missing", header(model_kvs(arch=None))), ("arch-unknown", header(model_kvs(arch="zzz")[:1])),
               ("arch-int", header([kv("general.architecture", Value(T_U32, 7))])),
+              # found by make fuzz: a string value that is not UTF-8 (values are decoded on demand)
+              ("arch-bad-utf8", header([b"\x14" + b"\0" * 7 + b"general.architecture" + struct.pack("<IQ", T_STR, 1)
+                                        + b"\x80"])),
               ("arch-long", header([kv("general.architecture", Value(T_STR, "x" * 500))]))]
     for depth in (3, 50, 5000):
         cases.append((f"nested-{depth}", header(model_kvs() + [nested_array_kv("x.deep", depth)])))
