@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 from helpers_runtime import load
 from toolchain.runtime.library import kv_groups
-from toolchain.runtime.memory import GGML_TYPE_IDS
+from toolchain.gguf_keys import cache_type
 
 path, k = sys.argv[2], int(sys.argv[3])
 # a prompt past the smallest window; ubatch 1 then decodes it token by token (graph reuse across steps)
@@ -36,8 +36,8 @@ toks = np.random.default_rng(3).integers(3, 90, size=12).tolist()
 for cache in ("f16", "q8_0", "q4_0"):
     for fa in (True, False):
         for ub in (1, 512):
-            tk = GGML_TYPE_IDS[cache]
-            tv = tk if fa else GGML_TYPE_IDS["f16"]
+            tk = cache_type(cache).ggml_id
+            tv = tk if fa else cache_type("f16").ggml_id
             print("case", cache, "fa" if fa else "nofa", ub, flush=True)
             llm = load(path, n_ctx=256, n_ubatch=ub, f32_kv=False, flash_attn=fa, type_k=tk, type_v=tv,
                        n_threads=1)
