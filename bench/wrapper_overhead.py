@@ -53,6 +53,7 @@ def main() -> None:
     from llama_cpp import Llama
 
     from toolchain import Model
+    from toolchain.runtime.handles import clear_kv
 
     tmp = None
     path = args.model
@@ -70,8 +71,7 @@ def main() -> None:
                 verbose=False)
 
     def run_raw():
-        raw.reset()
-        raw._ctx.kv_cache_clear()
+        clear_kv(raw)
         return decode_rate(raw.create_completion(PROMPT, max_tokens=args.tokens, temperature=0.0, stream=True))
 
     def run_model():
