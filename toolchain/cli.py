@@ -11,6 +11,7 @@ import sys
 import click
 
 from . import __version__
+from .console import echo_stderr
 from .errors import KvtoolError
 
 BACKENDS = ["cpu", "cuda", "metal", "vulkan"]
@@ -25,8 +26,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _echo(msg: str) -> None:
-    click.echo(msg, err=True)
+_echo = echo_stderr
 
 
 @cli.command("build-runtime")

@@ -8,11 +8,10 @@ import json
 
 import click
 
+from ..console import echo_stderr
 from ..errors import KvtoolError
 
-
-def _echo(msg: str) -> None:
-    click.echo(msg, err=True)
+_echo = echo_stderr
 
 
 @click.command("eval")
