@@ -17,8 +17,9 @@ output is the argmax, token for token, and a seeded run gives what ``Llama.gener
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -32,16 +33,20 @@ from .text import stop_filter, utf8_pieces
 class Control:
     """What may end a generation from outside its loop: ``stop()`` (any thread: it only sets a flag), the model
     being closed, and a newer generation on the same context (a stream resumed after one is stale: the cache is no
-    longer its own). One per context, shared by every caller of the core on it."""
+    longer its own). One per context, shared by every caller of the core on it. ``owner`` (a ``Model``) is held
+    weakly, so the control never keeps a model, and its context, alive."""
 
-    def __init__(self, closed: Callable[[], bool] = lambda: False):
+    def __init__(self, owner=None):
         self.stop_requested = False
         self.generation = 0
-        self._closed = closed
+        self._owner = weakref.ref(owner) if owner is not None else None
 
     @property
     def closed(self) -> bool:
-        return bool(self._closed())
+        if self._owner is None:
+            return False
+        owner = self._owner()
+        return owner is None or bool(owner.closed)
 
     def begin(self) -> int:
         """A new generation: earlier streams become stale, a pending ``stop()`` is forgotten."""
@@ -223,6 +228,25 @@ class _BeaconState:
 
 
 # ---------------------------------------------------------------------------------------------- the core
+def _prefill(llm, prompt: list, beacon: Optional[BeaconSchedule], st: GenStats, bs: Optional[BeaconStats],
+             record: Optional[list], seq: int) -> Optional[_BeaconState]:
+    """Bring the prompt into the cache: the beacon path from an empty sequence, the plain path after the reusable
+    prefix. Returns the beacon bookkeeping (None on the plain path)."""
+    st.prompt_tokens = len(prompt)
+    if beacon is None:
+        cached, exact = _reuse_prefix(llm, prompt, st)
+        st.cached_tokens, st.prompt_eval_tokens = cached, len(prompt) - cached
+        if not exact:
+            _append(llm, prompt[cached:], record=record)
+        return None
+    bs = bs if bs is not None else BeaconStats(beacon.token_id, beacon.interval)
+    bs.prompt_tokens = len(prompt)
+    st.cached_tokens, st.prompt_eval_tokens = 0, len(prompt)
+    bstate = _BeaconState(llm, beacon, bs, seq)
+    bstate.prefill(prompt, record)
+    return bstate
+
+
 def generate_step(llm, prompt: Sequence[int], max_tokens: Optional[int] = None, sampler: SamplerSettings = GREEDY,
                   beacon: Optional[BeaconSchedule] = None, stats: Optional[GenStats] = None,
                   beacon_stats: Optional[BeaconStats] = None, control: Optional[Control] = None,
@@ -260,19 +284,7 @@ def generate_step(llm, prompt: Sequence[int], max_tokens: Optional[int] = None, 
     if forced is not None:
         forced = [int(t) for t in forced]
         limit = len(forced) if limit is None else min(limit, len(forced))
-    st.prompt_tokens = len(prompt)
-    bstate = None
-    if beacon is not None:
-        bs = beacon_stats if beacon_stats is not None else BeaconStats(beacon.token_id, beacon.interval)
-        bs.prompt_tokens = len(prompt)
-        bstate = _BeaconState(llm, beacon, bs, seq)
-        st.cached_tokens, st.prompt_eval_tokens = 0, len(prompt)
-        bstate.prefill(prompt, record)
-    else:
-        cached, exact = _reuse_prefix(llm, prompt, st)
-        st.cached_tokens, st.prompt_eval_tokens = cached, len(prompt) - cached
-        if not exact:
-            _append(llm, prompt[cached:], record=record)
+    bstate = _prefill(llm, prompt, beacon, st, beacon_stats, record, seq)
     vocab = llm._model.vocab
     ctx = llm._ctx.ctx
     chain = None if forced is not None else make_sampler(llm, sampler, [beacon.token_id] if beacon else ())

@@ -116,7 +116,7 @@ class Model:
         self.last_stats: Optional[GenStats] = None
         self.beacons = False  # route generation through the beacon loop (set by load)
         self._formatter = None
-        self._control = Control(lambda: self.closed)  # stop(), close() and newer calls, as the core sees them
+        self._control = Control(self)  # stop(), close() and newer calls, as the core sees them
 
     # ------------------------------------------------------------------ loading
     @classmethod
