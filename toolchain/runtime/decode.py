@@ -4,7 +4,9 @@ Three layers, as in mlx-lm: :func:`generate_step` (token ids: prefix reuse, pref
 evictions, stop/closed/superseded checks, counters) -> :func:`stream_generate` (UTF-8 safe text pieces, stop strings,
 ``GenStats`` timings) -> :func:`generate` (the joined text). ``Model.generate``/``chat`` (so ``kvtool chat``,
 ``generate`` and ``serve``), the beacon loop (``BeaconGenerator``) and eval's greedy runs (:func:`greedy`,
-:func:`greedy_beacons`) only call these; :func:`decode_batch` is the one place that calls ``llama_decode``.
+:func:`greedy_beacons`) only call these, and perplexity runs on :func:`eval_tokens`. :func:`decode_batch` is the one
+place kvtool calls ``llama_decode`` itself (``kvtool bench`` times llama-cpp-python's ``Llama.eval`` on purpose: it
+measures the runtime, not this loop).
 
 Why a loop of our own instead of ``Llama.generate``: beacons need positions with holes and evictions, which its
 position-indexed ``input_ids`` cannot hold, and one loop is one set of rules for every front end. It keeps the
@@ -80,7 +82,7 @@ def peak_bound(n_prompt: int, n_gen: int, interval: int) -> int:
 def decode_batch(llm, items: Sequence[tuple[int, int]], logits_all: bool = False, seq: int = 0,
                  where: str = "") -> None:
     """Decode ``[(token, pos)]`` of sequence ``seq`` in one batch (at most ``llm.n_batch`` items); logits for the
-    last item, or every item with ``logits_all``. The only ``llama_decode`` call in kvtool."""
+    last item, or every item with ``logits_all``. The only ``llama_decode`` call in kvtool's own code."""
     import llama_cpp as lc
 
     b = llm._batch.batch
