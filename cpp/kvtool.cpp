@@ -5,6 +5,13 @@
 
 #include "llama.h"
 
+#include "ggml-backend.h"
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
 #ifndef KVTOOL_PATCH_HASH
 #    define KVTOOL_PATCH_HASH "unknown"
 #endif
@@ -92,5 +99,97 @@ extern "C" int kvtool_kv_group_info(const llama_context * ctx, int g, uint32_t *
     }
     if (window)  { *window  = mixed->group_window(g); }
     if (n_cells) { *n_cells = mixed->group_cache(g)->get_size(); }
+    return 0;
+}
+
+// (group, buffer type) -> bytes of the context's KV memory, in a stable order (full before rings, then buft name)
+namespace {
+struct kv_buffer {
+    int                        group;
+    ggml_backend_buffer_type_t buft;
+    size_t                     bytes;
+};
+}  // namespace
+
+static std::vector<kv_buffer> kv_buffers(const llama_context * ctx) {
+    std::map<std::pair<int, std::string>, kv_buffer> acc;
+    auto add = [&](int group, const std::map<ggml_backend_buffer_type_t, size_t> & breakdown) {
+        for (const auto & [buft, size] : breakdown) {
+            auto & e = acc[{group, ggml_backend_buft_name(buft)}];
+            e.group  = group;
+            e.buft   = buft;
+            e.bytes += size;
+        }
+    };
+    if (auto * mem = memory_of(ctx)) {
+        if (auto * mixed = dynamic_cast<llama_kv_cache_mixed *>(mem)) {
+            for (size_t g = 0; g < mixed->n_groups(); ++g) {
+                add(mixed->group_window(g) == 0 ? 0 : 1, mixed->group_cache(g)->memory_breakdown());
+            }
+        } else {
+            add(0, mem->memory_breakdown());
+        }
+    }
+    std::vector<kv_buffer> out;
+    for (const auto & [key, e] : acc) {
+        out.push_back(e);
+    }
+    return out;
+}
+
+extern "C" int kvtool_kv_n_buffers(const llama_context * ctx) {
+    return (int) kv_buffers(ctx).size();
+}
+
+extern "C" int kvtool_kv_buffer_info(const llama_context * ctx, int i, int * group, const char ** buft_name,
+                                     size_t * bytes) {
+    const auto bufs = kv_buffers(ctx);
+    if (i < 0 || (size_t) i >= bufs.size()) {
+        return -1;
+    }
+    if (group)     { *group     = bufs[i].group; }
+    if (buft_name) { *buft_name = ggml_backend_buft_name(bufs[i].buft); }
+    if (bytes)     { *bytes     = bufs[i].bytes; }
+    return 0;
+}
+
+static void load_backends() {
+    // as llama_supports_gpu_offload does: a build with dynamically loaded backends registers them on demand
+    if (!ggml_backend_reg_count()) {
+        ggml_backend_load_all();
+    }
+}
+
+extern "C" int kvtool_n_devices(void) {
+    load_backends();
+    return (int) ggml_backend_dev_count();
+}
+
+static const char * dev_type_name(enum ggml_backend_dev_type t) {
+    switch (t) {
+        case GGML_BACKEND_DEVICE_TYPE_CPU:   return "cpu";
+        case GGML_BACKEND_DEVICE_TYPE_GPU:   return "gpu";
+        case GGML_BACKEND_DEVICE_TYPE_IGPU:  return "igpu";
+        case GGML_BACKEND_DEVICE_TYPE_ACCEL: return "accel";
+        case GGML_BACKEND_DEVICE_TYPE_META:  return "meta";
+    }
+    return "unknown";
+}
+
+extern "C" int kvtool_device_info(int i, const char ** name, const char ** description, const char ** type,
+                                  size_t * free_bytes, size_t * total_bytes) {
+    load_backends();
+    if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
+        return -1;
+    }
+    ggml_backend_dev_t dev = ggml_backend_dev_get((size_t) i);
+    size_t free = 0;
+    size_t total = 0;
+    ggml_backend_dev_memory(dev, &free, &total);
+    if (name)        { *name        = ggml_backend_dev_name(dev); }
+    if (description) { *description = ggml_backend_dev_description(dev); }
+    if (type)        { *type        = dev_type_name(ggml_backend_dev_type(dev)); }
+    if (free_bytes)  { *free_bytes  = free; }
+    if (total_bytes) { *total_bytes = total; }
     return 0;
 }

@@ -48,6 +48,22 @@ KVTOOL_API int kvtool_kv_used_cells(const struct llama_context * ctx, uint32_t *
 KVTOOL_API int kvtool_kv_n_groups(const struct llama_context * ctx);
 KVTOOL_API int kvtool_kv_group_info(const struct llama_context * ctx, int g, uint32_t * window, uint32_t * n_cells);
 
+// Where the KV cache lives, measured from the buffers actually allocated (one entry per cache group and ggml buffer
+// type, so a layer split across CPU and a GPU gives one entry for each). A stock cache reports its buffers as group
+// 0. kvtool_kv_n_buffers returns the entry count (0 when the context has no KV memory); kvtool_kv_buffer_info fills
+// entry i: *group 0 = full heads (or the stock cache), 1 = rings; *buft_name the buffer type's name ("CPU",
+// "CUDA0", "Vulkan0", ...; static storage); *bytes its size. Returns 0, or -1 when i is out of range.
+KVTOOL_API int kvtool_kv_n_buffers(const struct llama_context * ctx);
+KVTOOL_API int kvtool_kv_buffer_info(const struct llama_context * ctx, int i, int * group, const char ** buft_name,
+                                     size_t * bytes);
+
+// The devices ggml sees (the CPU included), so doctor can report them without llama-cpp-python's bindings, which
+// do not expose ggml's device API. *type is "cpu", "gpu", "igpu", "accel" or "meta"; free/total in bytes.
+// Returns 0, or -1 when i is out of range.
+KVTOOL_API int kvtool_n_devices(void);
+KVTOOL_API int kvtool_device_info(int i, const char ** name, const char ** description, const char ** type,
+                                  size_t * free_bytes, size_t * total_bytes);
+
 #ifdef __cplusplus
 }
 #endif

@@ -56,7 +56,8 @@ def masked(smollm2, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(masked, patched_runtime, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    proc, base = start_server(masked, log, "--n-ctx", 1024, "--model-id", "smol-masked")
+    # -ngl all on the CPU build: the server warns once and serves from the CPU (test_models_and_health)
+    proc, base = start_server(masked, log, "--n-ctx", 1024, "--model-id", "smol-masked", "-ngl", "all")
     yield {"proc": proc, "base": base, "log": log}
     stop_server(proc)
 
@@ -75,6 +76,10 @@ def test_models_and_health(server, client):
     assert h["status"] == "ok" and h["busy"] is False
     kv = httpx.get(server["base"] + "/kv", timeout=60).json()
     assert kv["mixed"] is True and kv["allocated_bytes"] < kv["stock_bytes"]
+    assert {(b["group"], b["device"]) for b in kv["buffers"]} == {("full", "CPU"), ("ring", "CPU")}
+    assert sum(b["bytes"] for b in kv["buffers"]) == kv["allocated_bytes"] and kv["gpu_layers"] == 0
+    warnings = [x for x in server["log"].read_text().splitlines() if x.startswith("kvtool: warning:")]
+    assert len(warnings) == 1 and "running on the CPU" in warnings[0]
 
 
 def test_chat_completion_non_streamed(client):

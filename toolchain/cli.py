@@ -11,6 +11,7 @@ import sys
 import click
 
 from . import __version__
+from .commands.offload_option import gpu_layers_option
 from .console import echo_stderr
 from .errors import KvtoolError
 
@@ -47,7 +48,7 @@ def build_runtime_cmd(backend, portable, jobs, sdist, rebuild):
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(as_json):
-    """Report versions, whether the patched runtime is loaded, and optional extras."""
+    """Report versions, the patched runtime, its backend and devices (free/total memory), and optional extras."""
     from .commands.doctor import collect
 
     info = collect()
@@ -55,7 +56,14 @@ def doctor(as_json):
         click.echo(json.dumps(info, indent=2))
         return
     for k, v in info.items():
+        if k == "devices":
+            continue
         click.echo(f"{k:22s} {v}")
+    devs = info["devices"]
+    click.echo(f"{'devices':22s} {len(devs) if devs is not None else 'unknown (rebuild the runtime)'}")
+    for d in devs or []:
+        click.echo(f"  {d['name']:20s} {d['type']:5s} {d['free_bytes'] / 2**20:.0f} MiB free / "
+                   f"{d['total_bytes'] / 2**20:.0f} MiB total  ({d['description']})")
 
 
 @cli.command()
@@ -76,10 +84,11 @@ def fetch(name):
 @click.option("--repeats", default=3, show_default=True, help="Runs per figure (the median is reported).")
 @click.option("--ubatch", default=512, show_default=True)
 @click.option("--threads", type=int, default=None, help="Default: physical cores.")
+@gpu_layers_option()
 @click.option("--json", "as_json", is_flag=True, help="Print rows as JSON.")
 @click.option("--md", "md_out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown table here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, help="PNG of decode tok/s and KV bytes vs context.")
-def bench(model, ctx, variants, prompt, n_decode, repeats, ubatch, threads, as_json, md_out, plot_out):
+def bench(model, ctx, variants, prompt, n_decode, repeats, ubatch, threads, gpu_layers, as_json, md_out, plot_out):
     """Same file, mixed KV off vs on (vs on + q8_0): KV bytes, prefill and decode tok/s."""
     from .commands import bench as b
 
@@ -88,7 +97,7 @@ def bench(model, ctx, variants, prompt, n_decode, repeats, ubatch, threads, as_j
     except ValueError:
         raise KvtoolError(f"--ctx must be comma-separated integers, got {ctx!r}") from None
     rows = b.run_bench(model, ctxs, [v.strip() for v in variants.split(",") if v.strip()], prompt, n_decode, repeats,
-                       ubatch, threads, echo=_echo)
+                       ubatch, threads, echo=_echo, gpu_layers=gpu_layers)
     table = b.markdown(rows)
     if md_out:
         from .heads import write_atomic

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -42,28 +42,33 @@ class BenchRow:
     decode_tps: float
     prefill_runs: list
     decode_runs: list
+    gpu_layers: object = 0                             # resolved --gpu-layers: an int or "all"
+    kv_buffers: list = field(default_factory=list)     # measured: [{"group", "device", "bytes"}]
 
 
-def _load(path: Path, n_ctx: int, n_ubatch: int, n_threads: int, mixed: bool, cache: str):
+def _load(path: Path, n_ctx: int, n_ubatch: int, n_threads: int, mixed: bool, cache: str, gpu_layers=0):
     from llama_cpp import Llama
+
+    from ..runtime.offload import llama_value
 
     t = CACHE_TYPES[cache].ggml_id
     return Llama(str(path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, n_threads=n_threads,
                  n_threads_batch=n_threads, flash_attn=True, type_k=t, type_v=t, verbose=False,
-                 kv_overrides={K_ENABLED: mixed})
+                 kv_overrides={K_ENABLED: mixed}, n_gpu_layers=llama_value(gpu_layers))
 
 
 def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_decode: int, repeats: int,
-              n_ubatch: int, n_threads: int, rng: np.random.Generator, echo: Callable[[str], None]) -> list[BenchRow]:
+              n_ubatch: int, n_threads: int, rng: np.random.Generator, echo: Callable[[str], None],
+              gpu_layers=0) -> list[BenchRow]:
     """All variants of one context size, loaded side by side and measured in alternation (round robin), so a
     slowdown of the machine hits every variant alike and the ratios stay honest."""
-    from ..runtime.library import kv_bytes
+    from ..runtime.library import kv_buffers, kv_bytes
 
     llms = {}
     try:
         for v in variants:
             spec = VARIANTS[v]
-            llms[v] = _load(path, ctx, n_ubatch, n_threads, spec["mixed"], spec["cache"])
+            llms[v] = _load(path, ctx, n_ubatch, n_threads, spec["mixed"], spec["cache"], gpu_layers)
             if spec["mixed"] and not kv_bytes(ctx_ptr(llms[v]))[0]:
                 raise KvtoolError(f"{path} has no kvtool budgets (mixed mode did not activate); convert it with --mask first")
         n_vocab = next(iter(llms.values())).n_vocab()
@@ -99,7 +104,8 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
         for v, llm in llms.items():
             _, full, ring = kv_bytes(ctx_ptr(llm))
             rows.append(BenchRow(ctx, v, full + ring, full, ring, statistics.median(prefill[v]),
-                                 statistics.median(decode[v]), prefill[v], decode[v]))
+                                 statistics.median(decode[v]), prefill[v], decode[v], gpu_layers,
+                                 kv_buffers(ctx_ptr(llm))))
         return rows
     finally:
         for llm in llms.values():
@@ -108,12 +114,16 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
 
 def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock", "mixed", "mixed+q8_0"),
               prompt: int = 2048, n_decode: int = 32, repeats: int = 3, n_ubatch: int = 512,
-              n_threads: Optional[int] = None, seed: int = 0, echo: Callable[[str], None] = print) -> list[BenchRow]:
+              n_threads: Optional[int] = None, seed: int = 0, echo: Callable[[str], None] = print,
+              gpu_layers=None) -> list[BenchRow]:
+    """``gpu_layers``: N, "all" or None (the runtime's default), resolved once for every variant."""
     from converters.gguf_budgets import open_gguf, read_budgets
 
     from ..runtime.library import require_patched
+    from ..runtime.offload import parse_gpu_layers, resolve_gpu_layers
     from ..runtime.threads import physical_cores
 
+    parse_gpu_layers(gpu_layers)
     p = Path(path)
     if not p.is_file():
         raise KvtoolError(f"model not found: {path}")
@@ -133,9 +143,11 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
         if c < prompt + n_decode + 2 and c < n_decode + 64:
             raise KvtoolError(f"context {c} is too small for the benchmark")
     threads = n_threads or physical_cores()
+    ngl = resolve_gpu_layers(gpu_layers)
     rows = []
     for c in ctxs:
-        for r in bench_ctx(p, c, variants, prompt, n_decode, repeats, n_ubatch, threads, np.random.default_rng(seed), echo):
+        for r in bench_ctx(p, c, variants, prompt, n_decode, repeats, n_ubatch, threads, np.random.default_rng(seed), echo,
+                           ngl):
             rows.append(r)
             echo(f"[bench] ctx {c} {r.variant}: KV {r.kv_bytes / 2**20:.1f} MiB, prefill {r.prefill_tps:.1f} tok/s, "
                  f"decode {r.decode_tps:.2f} tok/s")

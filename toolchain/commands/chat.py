@@ -194,6 +194,8 @@ class ChatSession:
                  f"kv           {kv_summary(kv)}",
                  f"kv parts     full heads {fmt_bytes(kv['full_bytes'])}, rings {fmt_bytes(kv['ring_bytes'])}; "
                  f"groups {groups}",
+                 "kv buffers   " + (", ".join(f"{b['group']} {b['device']} {fmt_bytes(b['bytes'])}"
+                                              for b in kv["buffers"]) or "-") + f"; gpu layers {kv['gpu_layers']}",
                  f"live cells   full {kv['live_full_cells']}, ring {kv['live_ring_cells']}; "
                  f"context {kv['context_tokens']}/{kv['n_ctx']}",
                  f"settings     flash_attn={kv['flash_attn']} cache={kv['cache_type']} n_ubatch={kv['n_ubatch']} "
@@ -331,11 +333,11 @@ def _readline_prompt(p: str, color: bool) -> str:
 @click.option("--show-think/--hide-think", default=True, show_default=True, help="Show <think> blocks (dimmed).")
 @load_options
 def command(model, system, max_tokens, temp, top_p, top_k, seed, show_think, n_ctx, n_ubatch, threads, cache_type,
-            no_mixed, no_beacons, flash_attn):
+            no_mixed, no_beacons, flash_attn, gpu_layers):
     """Chat with a GGUF (its own chat template). Reads lines from stdin when it is not a terminal."""
     if max_tokens < 0:
         raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
-    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons)
+    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons, gpu_layers)
     try:
         m.chat_prompt([{"role": "user", "content": "hi"}])  # an unknown template fails now, not after typing
         interactive = _isatty(sys.stdin)

@@ -1,4 +1,4 @@
-"""``kvtool doctor``: what is installed and whether the loaded runtime is kvtool's patched build.
+"""``kvtool doctor``: what is installed, whether the loaded runtime is kvtool's patched build, and its devices.
 
 It never imports torch (slow, and absent on edge installs): the train extras are probed with
 ``importlib.util.find_spec``. It does load libllama, because "patched" means the *loaded* library exports the
@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 from ..paths import cache_root
-from ..runtime.library import runtime_info
+from ..runtime.library import devices, gpu_offload_available, runtime_info
 from ..runtime.threads import physical_cores
 
 # import name -> the `train` extra's distribution it comes from
@@ -60,6 +60,10 @@ def collect() -> dict:
         "runtime_up_to_date": bool(rt["runtime_patched"] and expected is not None and rt["patch_hash"] == expected),
         "backend": rt["backend"],
     }
+    devs = devices() if rt["runtime_patched"] else None
+    info["devices"] = devs  # None: the loaded runtime cannot list them (stock, or older than kvtool_device_info)
+    info["gpu_offload"] = gpu_offload_available() if rt["llama_cpp_python"] else False
+    info["default_gpu_layers"] = "all" if info["gpu_offload"] else 0
     for mod in REPORTED:
         info[mod] = importable(mod)
     info["train_extras"] = all(importable(m) for m in TRAIN_MODULES)

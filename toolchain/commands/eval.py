@@ -10,6 +10,7 @@ import click
 
 from ..console import echo_stderr
 from ..errors import KvtoolError
+from .offload_option import gpu_layers_option
 
 _echo = echo_stderr
 
@@ -34,14 +35,15 @@ _echo = echo_stderr
               help="Micro-batch; also sizes the rings (pad256(W + S + ubatch) cells), so small models want it small.")
 @click.option("--cache-type", default=None, help="KV cache type (default f16; f32 for --ppl).")
 @click.option("--threads", type=int, default=None, help="Default: physical cores.")
+@gpu_layers_option()
 @click.option("--ppl", "ppl", default=None, metavar="FILE.txt",
               help="Perplexity and KL(full||mixed) over this text instead of a task ('verne': "
                    "reasoning_gym/data/in_the_year_2889.txt).")
 @click.option("--ppl-tokens", type=int, default=None, help="With --ppl: use only the first N tokens of the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of the Markdown table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ubatch, cache_type, threads, ppl,
-             ppl_tokens, as_json, quiet):
+def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ubatch, cache_type, threads, gpu_layers,
+             ppl, ppl_tokens, as_json, quiet):
     """Evaluate GGUF files (full vs mixed KV) on a verifiable task, or measure perplexity/KL with --ppl."""
     from .. import eval as ev
     from ..eval.records import check_writable
@@ -65,7 +67,7 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
         for m in models:
             results.append(ev.run_ppl(m, ppl, n_ctx=n_ctx or 512, max_tokens=ppl_tokens, n_ubatch=n_ubatch,
                                       cache_type=cache_type or "f32", threads=threads, mixed=mixed,
-                                      progress=not quiet, echo=_echo))
+                                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers))
         if out_p is not None:
             from ..heads import write_atomic
 
@@ -78,7 +80,7 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
         raise KvtoolError("--ppl-tokens goes with --ppl")
     res = ev.run_eval(models, task, n=n, seed=seed, variants=vlist, max_tokens=max_tokens, n_ctx=n_ctx,
                       n_ubatch=n_ubatch, cache_type=cache_type or "f16", threads=threads, out=out, plot=plot,
-                      progress=not quiet, echo=_echo)
+                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers)
     click.echo(json.dumps(res, indent=1) if as_json else ev.markdown(res["rows"]))
     if out:
         _echo(f"wrote {out} (records: {res['records']})" + (f" and {plot}" if plot else ""))

@@ -15,6 +15,7 @@ import click
 from ..errors import KvtoolError
 from ..fmt import fmt_bytes
 from ..gguf_keys import CACHE_TYPES
+from .offload_option import gpu_layers_option
 
 
 def load_options(f):
@@ -31,6 +32,7 @@ def load_options(f):
                      help="Ignore the file's beacon keys: no beacons, no eviction (A/B against the beacon loop)."),
         click.option("--flash-attn/--no-flash-attn", "flash_attn", default=None,
                      help="Default: on when the file has budgets (without it V rows are padded)."),
+        gpu_layers_option(),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -38,22 +40,34 @@ def load_options(f):
 
 
 def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], cache_type: str, no_mixed: bool,
-               flash_attn: Optional[bool], seed: int = 0, no_beacons: bool = False):
+               flash_attn: Optional[bool], seed: int = 0, no_beacons: bool = False, gpu_layers=None):
     from ..runtime.model import Model
 
     return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
                       mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed,
-                      beacons=False if no_beacons else None)
+                      beacons=False if no_beacons else None, n_gpu_layers=gpu_layers)
 
 
 def fmt_rate(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def kv_where(kv: dict) -> str:
+    """``on CPU``, or ``on Vulkan0 12.0 MiB + CPU 2.1 MiB`` when layers are split: from the measured buffers."""
+    per: dict[str, int] = {}
+    for b in kv.get("buffers") or []:
+        per[b["device"]] = per.get(b["device"], 0) + b["bytes"]
+    if not per:
+        return ""
+    if len(per) == 1:
+        return f" on {next(iter(per))}"
+    return " on " + " + ".join(f"{d} {fmt_bytes(n)}" for d, n in sorted(per.items(), key=lambda x: -x[1]))
+
+
 def kv_summary(kv: dict) -> str:
-    """``KV 18.8 MiB allocated (mixed) vs 22.5 MiB for a full cache (83%)``."""
+    """``KV 18.8 MiB allocated (mixed) on CPU vs 22.5 MiB for a full cache (83%)``."""
     mode = "mixed" if kv["mixed"] else "full cache"
-    s = f"KV {fmt_bytes(kv['allocated_bytes'])} allocated ({mode})"
+    s = f"KV {fmt_bytes(kv['allocated_bytes'])} allocated ({mode}){kv_where(kv)}"
     if kv["mixed"] and kv["stock_bytes"]:
         s += f" vs {fmt_bytes(kv['stock_bytes'])} for a full cache ({100 * kv['allocated_bytes'] / kv['stock_bytes']:.0f}%)"
     b = kv.get("beacons")
@@ -103,14 +117,14 @@ def read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
 @load_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, stats, KV bytes.")
 def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k, seed, stops, n_ctx, n_ubatch,
-            threads, cache_type, no_mixed, no_beacons, flash_attn, as_json):
+            threads, cache_type, no_mixed, no_beacons, flash_attn, gpu_layers, as_json):
     """Complete a prompt once (streams to stdout; stats to stderr)."""
     text = read_prompt(prompt, file)
     if system is not None and not as_chat:
         raise KvtoolError("--system needs --chat")
     if max_tokens < 0:
         raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
-    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons)
+    m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons, gpu_layers)
     try:
         kw = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed, stop=list(stops))
         if as_chat:

@@ -13,7 +13,9 @@ import click
 
 from ..errors import KvtoolError
 from ..gguf_keys import cache_type as check_cache_type
-from ..runtime.memory import ModelDims, dims_from_gguf, predict
+from ..runtime.memory import KVPlan, ModelDims, dims_from_gguf, predict
+from ..runtime.offload import device_layers, weights_on_device
+from .offload_option import gpu_layers_option
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
@@ -37,7 +39,20 @@ def _load(model: str):
     return dims, read_budgets(model)
 
 
-def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type: str, flash_attn: bool) -> dict:
+def offload_report(model: str, dims: ModelDims, plan: KVPlan, gpu_layers, mem: Optional[int]) -> dict:
+    """What the device holds for ``gpu_layers``: the weights of the offloaded layers and their KV (the KV of the
+    layers left on the CPU stays in host memory), and whether that fits in ``mem`` bytes of device memory."""
+    k = device_layers(gpu_layers, dims.n_layer)
+    kv_dev = plan.device_bytes(k)
+    weights = weights_on_device(model, gpu_layers, dims.n_layer)
+    return {"gpu_layers": gpu_layers, "device_layers": k, "weights_device_bytes": weights,
+            "kv_device_bytes": kv_dev, "kv_host_bytes": plan.mixed_bytes - kv_dev, "device_bytes": weights + kv_dev,
+            "mem_bytes": mem, "fits": None if mem is None else weights + kv_dev <= mem}
+
+
+def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type: str, flash_attn: bool,
+                   gpu_layers=None, mem: Optional[int] = None) -> dict:
+    """``gpu_layers`` (N or "all") adds the device split; ``mem`` is then device memory, else the KV budget."""
     check_cache_type(cache_type)
     dims, b = _load(model)
     windows = b.head_window if b else None
@@ -56,14 +71,19 @@ def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type
         "n_ctx": plan.n_ctx, "n_ubatch": n_ubatch, "n_seq": n_seq, "cache_type": cache_type, "flash_attn": flash_attn,
         "stock_bytes": plan.stock_bytes, "mixed_bytes": plan.mixed_bytes, "full_bytes": plan.full_bytes,
         "ring_bytes": plan.ring_bytes, "ring_cells": plan.ring_cells, "ratio": plan.ratio, "mixed_active": plan.mixed,
+        "offload": offload_report(model, dims, plan, gpu_layers, mem) if gpu_layers else None,
+        "mem_bytes": mem, "kv_fits": None if mem is None or gpu_layers else plan.mixed_bytes <= mem,
     }
 
 
 def max_ctx(dims: ModelDims, windows, sink: int, budget: int, n_ubatch: int, cache_type: str, mixed: bool,
-            limit: Optional[int] = None) -> int:
-    """Largest n_ctx (a multiple of 256) whose KV cache fits in ``budget`` bytes; 0 if even 256 does not fit."""
+            limit: Optional[int] = None, device_layers: Optional[int] = None) -> int:
+    """Largest n_ctx (a multiple of 256) whose KV cache fits in ``budget`` bytes; 0 if even 256 does not fit.
+    With ``device_layers`` only the KV of the last that many layers (those on the device) counts."""
     def fits(c: int) -> bool:
-        return predict(dims, windows, sink, c, n_ubatch, 1, cache_type, cache_type, True, mixed=mixed).mixed_bytes <= budget
+        plan = predict(dims, windows, sink, c, n_ubatch, 1, cache_type, cache_type, True, mixed=mixed)
+        used = plan.mixed_bytes if device_layers is None else plan.device_bytes(device_layers)
+        return used <= budget
 
     if not fits(256):
         return 0
@@ -78,7 +98,9 @@ def max_ctx(dims: ModelDims, windows, sink: int, budget: int, n_ubatch: int, cac
     return min(lo, cap)
 
 
-def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float]) -> dict:
+def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float], gpu_layers=None) -> dict:
+    """``budget`` is the KV budget, or with ``gpu_layers`` (N >= 1 or "all") the device memory: the weights of the
+    offloaded layers come off it first, and the KV of their layers must fit in the rest."""
     dims, b = _load(model)
     windows, sink, source = (b.head_window, b.sink, "file") if b else (None, 0, "none")
     if sparsity is not None:
@@ -93,16 +115,23 @@ def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float
         flat = [w if i < k else 0 for i in range(total)]
         windows = [flat[i * dims.n_head_kv[0]:(i + 1) * dims.n_head_kv[0]] for i in range(dims.n_layer)]
         source = f"what-if sparsity {s}"
+    dev = device_layers(gpu_layers, dims.n_layer) if gpu_layers else None
+    weights = weights_on_device(model, gpu_layers, dims.n_layer) if gpu_layers else 0
+    kv_budget = budget - weights
     rows = {}
     for name, wins, cache, mixed in (("full", None, "f16", False), ("mixed", windows, "f16", True),
                                      ("mixed+q8_0", windows, "q8_0", True)):
         if mixed and not windows:
             continue
-        c = max_ctx(dims, wins, sink, budget, n_ubatch, cache, mixed)
-        rows[name] = {"max_ctx": c, "cache_type": cache,
-                      "kv_bytes": predict(dims, wins, sink, c, n_ubatch, 1, cache, cache, True, mixed=mixed).mixed_bytes if c else 0}
+        c = max_ctx(dims, wins, sink, kv_budget, n_ubatch, cache, mixed, device_layers=dev) if kv_budget >= 0 else 0
+        pl = predict(dims, wins, sink, c, n_ubatch, 1, cache, cache, True, mixed=mixed) if c else None
+        rows[name] = {"max_ctx": c, "cache_type": cache, "kv_bytes": pl.mixed_bytes if pl else 0}
+        if dev is not None:
+            rows[name]["kv_device_bytes"] = pl.device_bytes(dev) if pl else 0
     return {"model": model, "budget_bytes": budget, "n_ubatch": n_ubatch, "mask": source,
-            "n_ctx_train": dims.n_ctx_train, "plans": rows}
+            "n_ctx_train": dims.n_ctx_train, "plans": rows,
+            "offload": {"gpu_layers": gpu_layers, "device_layers": dev, "weights_device_bytes": weights}
+            if dev is not None else None}
 
 
 @click.command("inspect")
@@ -112,10 +141,13 @@ def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float
 @click.option("--seqs", "n_seq", default=1, show_default=True)
 @click.option("--cache-type", default="f16", show_default=True, help="f16 | q8_0 | q4_0 | ...")
 @click.option("--no-flash-attn", is_flag=True, help="Predict for flash attention off (V cache padded per layer).")
+@gpu_layers_option("Predict for N layers (or 'all') on the GPU: what the device holds (default: none, a CPU run).")
+@click.option("--mem", "mem", default=None, help="Device memory with --gpu-layers (does it fit?), else a KV budget.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, as_json):
+def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_layers, mem, as_json):
     """Architecture, heads, budgets, and predicted KV bytes full vs mixed for a context."""
-    r = inspect_report(model, n_ctx, n_ubatch, n_seq, cache_type, not no_flash_attn)
+    r = inspect_report(model, n_ctx, n_ubatch, n_seq, cache_type, not no_flash_attn, gpu_layers,
+                       parse_size(mem) if mem is not None else None)
     if as_json:
         click.echo(json.dumps(r, indent=1))
         return
@@ -134,24 +166,47 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, as_jso
         rings = ", ".join(f"W{w}: {c} cells" for w, c in r["ring_cells"].items())
         click.echo(f"  mixed       {_mib(r['mixed_bytes'])} = full heads {_mib(r['full_bytes'])} + rings {_mib(r['ring_bytes'])} ({rings})")
         click.echo(f"  ratio       {r['ratio']:.3f}")
+    kv = r["mixed_bytes"] if r["mixed_active"] else r["stock_bytes"]
+    if r["kv_fits"] is not None:
+        click.echo(f"  {'fits' if r['kv_fits'] else 'does NOT fit'} in {_mib(r['mem_bytes'])} ({_mib(kv)} of KV)")
+    o = r["offload"]
+    if o:
+        click.echo(f"offload     --gpu-layers {o['gpu_layers']}: {o['device_layers']}/{r['n_layer']} layers' KV on the "
+                   f"device")
+        click.echo(f"  device      {_mib(o['device_bytes'])} = weights {_mib(o['weights_device_bytes'])} + KV "
+                   f"{_mib(o['kv_device_bytes'])} (compute buffers not included)")
+        click.echo(f"  host KV     {_mib(o['kv_host_bytes'])}")
+        if o["fits"] is not None:
+            click.echo(f"  {'fits' if o['fits'] else 'does NOT fit'} in {_mib(o['mem_bytes'])} of device memory")
 
 
 @click.command("plan")
 @click.argument("model", type=click.Path())
-@click.option("--mem", "mem", required=True, help="KV memory budget, e.g. 2GiB or 512MiB.")
+@click.option("--mem", "mem", required=True, help="KV memory budget, e.g. 2GiB or 512MiB; with --gpu-layers, "
+              "device memory (offloaded weights + their KV).")
 @click.option("--sparsity", type=float, default=None, help="What-if: plan for a mask of this sparsity.")
 @click.option("--ubatch", "n_ubatch", default=512, show_default=True)
+@gpu_layers_option("Plan for N layers (or 'all') on the GPU: --mem is then device memory (default: none, a CPU run).")
 @click.option("--json", "as_json", is_flag=True)
-def plan_cmd(model, mem, sparsity, n_ubatch, as_json):
+def plan_cmd(model, mem, sparsity, n_ubatch, gpu_layers, as_json):
     """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0."""
-    r = plan_report(model, parse_size(mem), n_ubatch, sparsity)
+    r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers)
     if as_json:
         click.echo(json.dumps(r, indent=1))
         return
-    click.echo(f"KV budget {_mib(r['budget_bytes'])}, mask: {r['mask']}, ubatch {r['n_ubatch']}")
+    o = r["offload"]
+    if o:
+        click.echo(f"device memory {_mib(r['budget_bytes'])}, --gpu-layers {o['gpu_layers']} "
+                   f"({o['device_layers']} layers' KV on the device): weights {_mib(o['weights_device_bytes'])}, "
+                   f"the rest for KV; mask: {r['mask']}, ubatch {r['n_ubatch']}")
+    else:
+        click.echo(f"KV budget {_mib(r['budget_bytes'])}, mask: {r['mask']}, ubatch {r['n_ubatch']}")
     base = r["plans"]["full"]["max_ctx"]
     for name, p in r["plans"].items():
         gain = f"  ({p['max_ctx'] / base:.2f}x)" if base and name != "full" else ""
-        click.echo(f"  {name:11s} max ctx {p['max_ctx']:>9d}  ({_mib(p['kv_bytes'])}){gain}")
+        dev = f", {_mib(p['kv_device_bytes'])} on the device" if "kv_device_bytes" in p else ""
+        click.echo(f"  {name:11s} max ctx {p['max_ctx']:>9d}  ({_mib(p['kv_bytes'])}{dev}){gain}")
+    if o and o["weights_device_bytes"] > r["budget_bytes"]:
+        click.echo("  the offloaded weights alone do not fit: offload fewer layers (--gpu-layers N)")
     if r["n_ctx_train"]:
         click.echo(f"  (the model was trained with a {r['n_ctx_train']}-token context)")

@@ -332,7 +332,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 @click.option("--seed", type=int, default=0, show_default=True)
 @load_options
 def command(model, host, port, model_id, max_queue, default_max_tokens, seed, n_ctx, n_ubatch, threads, cache_type,
-            no_mixed, no_beacons, flash_attn):
+            no_mixed, no_beacons, flash_attn, gpu_layers):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat completions, completions, models)."""
     try:
         import fastapi  # noqa: F401
@@ -346,7 +346,8 @@ def command(model, host, port, model_id, max_queue, default_max_tokens, seed, n_
         raise KvtoolError("--max-queue must be >= 0 and --max-tokens >= 1")
     sock = bind_socket(host, port)
     try:
-        m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons)
+        m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons,
+                       gpu_layers)
         app = make_app(m, model_id, max_queue, default_max_tokens)
         h, p = sock.getsockname()[:2]
         shown = f"[{h}]" if ":" in h else h

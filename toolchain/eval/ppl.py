@@ -19,6 +19,7 @@ from ..errors import KvtoolError
 from ..runtime.decode import eval_tokens
 from ..runtime.handles import window_bos
 from ..runtime.model import Model
+from ..runtime.offload import parse_gpu_layers, resolve_gpu_layers
 from .run import _budgets, _has_budgets, _progress, check_text, machine_info, resolve_variants
 
 Echo = Callable[[str], None]
@@ -46,9 +47,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: int = 512,
             max_tokens: Optional[int] = None, n_ubatch: int = 512, cache_type: str = "f32",
             threads: Optional[int] = None, mixed: Optional[bool] = None, progress: bool = True,
-            echo: Echo = lambda m: None) -> dict:
+            echo: Echo = lambda m: None, gpu_layers=None) -> dict:
     """Perplexity of the full load and, when the file has budgets (or ``mixed=True``), of the mixed load, with the
-    mean KL(full || mixed) per scored token. ``mixed=False`` computes the full perplexity only."""
+    mean KL(full || mixed) per scored token. ``mixed=False`` computes the full perplexity only.
+    ``gpu_layers``: N, "all" or None (the runtime's default), resolved once after the input checks."""
     p = Path(model_path).expanduser()
     tp = Path(text_path).expanduser() if str(text_path) != "verne" else default_ppl_text()
     if not tp.is_file():
@@ -60,14 +62,17 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
     if mixed and not _has_budgets(b):
         resolve_variants([p], ["mixed"])  # raises the explained error
     do_mixed = _has_budgets(b) if mixed is None else bool(mixed)
+    parse_gpu_layers(gpu_layers)
     raw = tp.read_bytes()
     text = raw.decode("utf-8", errors="replace")
+    gpu_layers = resolve_gpu_layers(gpu_layers)
     full = Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
-                      mixed=False if _has_budgets(b) else None)
+                      mixed=False if _has_budgets(b) else None, n_gpu_layers=gpu_layers)
     mix = None
     try:
         if do_mixed:
-            mix = Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type, mixed=True)
+            mix = Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type, mixed=True,
+                             n_gpu_layers=gpu_layers)
         check_text(full, text)
         toks = full.tokenize(text, add_bos=False)
         if max_tokens:

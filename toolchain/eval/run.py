@@ -52,6 +52,7 @@ from ..runtime.decode import greedy, greedy_beacons
 from ..runtime.kv_usage import bytes_per_cell, live_bytes, mixed_active, retained_bytes
 from ..runtime.library import runtime_info
 from ..runtime.model import Model
+from ..runtime.offload import parse_gpu_layers, resolve_gpu_layers
 from ..tasks import INSTRUCTION, build_prompt, make_dataset, score, task_metrics
 from .records import check_writable, jsonl_path, qhash, read_records, run_key
 from .report import plot_pareto
@@ -206,9 +207,10 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
              variants: Optional[Sequence[str]] = None, max_tokens: int = 512, n_ctx: Optional[int] = None,
              n_ubatch: int = 512, cache_type: str = "f16", threads: Optional[int] = None,
              out: Optional[str | os.PathLike] = None, plot: Optional[str | os.PathLike] = None,
-             progress: bool = True, echo: Echo = lambda m: None) -> dict:
+             progress: bool = True, echo: Echo = lambda m: None, gpu_layers=None) -> dict:
     """Evaluate every (file, variant) on ``n`` problems of ``task``; returns the result dict (also written to
-    ``out`` as JSON when given, with the per-problem JSONL next to it)."""
+    ``out`` as JSON when given, with the per-problem JSONL next to it). ``gpu_layers``: N, "all" or None (the
+    runtime's default), resolved once after the input checks."""
     if n < 1:
         raise KvtoolError(f"--n must be >= 1, got {n}")
     if max_tokens < 1:
@@ -219,6 +221,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
     plot_p = check_writable(plot, "plot")
     if out_p is not None and plot_p is not None and out_p.resolve() == plot_p.resolve():
         raise KvtoolError("--out and --plot name the same file")
+    parse_gpu_layers(gpu_layers)
     vs = resolve_variants(models, variants)
     problems = make_dataset(task, n, seed)
     metric_fn = task_metrics(task)
@@ -236,6 +239,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
         log_f.close()
         log_f = open(log_p, "a", encoding="utf-8")
     all_recs: dict[str, list[dict]] = {}
+    gpu_layers = resolve_gpu_layers(gpu_layers)
     try:
         for v in vs:
             ctx_len = n_ctx
@@ -244,7 +248,8 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                 if ctx_len is None:
                     # prompt lengths need the model's tokenizer: load once to measure them
                     model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons)
+                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons,
+                                       n_gpu_layers=gpu_layers)
                     longest = max(len(_prompt_tokens(model, p)[0]) for p in problems)
                     ctx_len = longest + max_tokens + 1
                     model.close()
@@ -254,7 +259,8 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                 todo = [i for i, r in enumerate(recs) if r is None]
                 if todo:
                     model = Model.load(v.path, n_ctx=ctx_len, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons)
+                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons,
+                                       n_gpu_layers=gpu_layers)
                     stats = model.kv_stats()
                     bpc = bytes_per_cell(model)
                     bar = _progress(len(todo), f"{v.label}", progress, skipped=n - len(todo))

@@ -92,3 +92,52 @@ def kv_groups(ctx) -> list[tuple[int, int]]:
         info(ctx, g, ctypes.byref(w), ctypes.byref(c))
         out.append((int(w.value), int(c.value)))
     return out
+
+
+def kv_buffers(ctx) -> list[dict]:
+    """Where the KV cache lives, from the allocated buffers: [{"group": "full"|"ring", "device": buffer type name
+    ("CPU", "CUDA0", "Vulkan0", ...), "bytes": n}]. A stock cache reports its buffers as group "full"."""
+    n = _fn("kvtool_kv_n_buffers", ctypes.c_int, [ctypes.c_void_p])
+    info = _fn("kvtool_kv_buffer_info", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                                       ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)])
+    if n is None or info is None:
+        raise RuntimeNotBuilt()
+    out = []
+    for i in range(n(ctx)):
+        group, name, size = ctypes.c_int(0), ctypes.c_char_p(), ctypes.c_size_t(0)
+        if info(ctx, i, ctypes.byref(group), ctypes.byref(name), ctypes.byref(size)) != 0:
+            continue
+        out.append({"group": "ring" if group.value == 1 else "full", "device": (name.value or b"?").decode(),
+                    "bytes": int(size.value)})
+    return out
+
+
+def devices() -> Optional[list[dict]]:
+    """The devices ggml sees, CPU included: [{"name", "description", "type", "free_bytes", "total_bytes"}].
+    None when the loaded library predates kvtool_device_info (or is not patched)."""
+    n = _fn("kvtool_n_devices", ctypes.c_int, [])
+    info = _fn("kvtool_device_info", ctypes.c_int, [ctypes.c_int] + [ctypes.POINTER(ctypes.c_char_p)] * 3
+               + [ctypes.POINTER(ctypes.c_size_t)] * 2)
+    if n is None or info is None:
+        return None
+    out = []
+    for i in range(n()):
+        name, desc, kind = ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_char_p()
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        if info(i, ctypes.byref(name), ctypes.byref(desc), ctypes.byref(kind), ctypes.byref(free),
+                ctypes.byref(total)) != 0:
+            continue
+        out.append({"name": (name.value or b"").decode(errors="replace"),
+                    "description": (desc.value or b"").decode(errors="replace"),
+                    "type": (kind.value or b"").decode(), "free_bytes": int(free.value),
+                    "total_bytes": int(total.value)})
+    return out
+
+
+def gpu_offload_available() -> bool:
+    """True when the loaded runtime has a GPU (or iGPU/RPC) device to offload layers to (llama.cpp's own test)."""
+    lib = _lib()
+    if lib is None:
+        return False
+    f = _fn("llama_supports_gpu_offload", ctypes.c_bool, [])
+    return bool(f()) if f is not None else False

@@ -54,6 +54,12 @@ class KVPlan:
     full_cells: int
     ring_cells: dict[int, int] = field(default_factory=dict)  # window -> cells
     mixed: bool = False
+    layer_bytes: tuple[int, ...] = ()  # allocated bytes per layer (all caches), what the device split is made of
+
+    def device_bytes(self, n_device_layers: int) -> int:
+        """KV bytes on the device when llama.cpp offloads the last ``n_device_layers`` layers (offload.device_layers)."""
+        n = max(0, min(len(self.layer_bytes), n_device_layers))
+        return sum(self.layer_bytes[len(self.layer_bytes) - n:])
 
     @property
     def mixed_bytes(self) -> int:
@@ -81,16 +87,23 @@ def dims_from_gguf(path: str | Path) -> ModelDims:
     return ModelDims(arch, n_layer, heads, dk, dv, int(ctx_train) if ctx_train else None)
 
 
-def cache_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
-                 type_k: str, type_v: str, flash_attn: bool) -> int:
+def layer_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
+                type_k: str, type_v: str, flash_attn: bool) -> list[int]:
+    """Bytes of each layer of one cache (0 for a layer filtered out of it); they sum to ``cache_bytes``."""
     v_max = max(dims.head_dim_v * h for h in heads_per_layer)
-    total = 0
+    out = []
     for h in heads_per_layer:
         if h == 0:
-            continue  # layer filtered out of this cache
+            out.append(0)  # layer filtered out of this cache
+            continue
         dv = dims.head_dim_v * h if flash_attn else v_max
-        total += row_bytes(type_k, dims.head_dim_k * h) + row_bytes(type_v, dv)
-    return total * cells * streams
+        out.append((row_bytes(type_k, dims.head_dim_k * h) + row_bytes(type_v, dv)) * cells * streams)
+    return out
+
+
+def cache_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
+                type_k: str, type_v: str, flash_attn: bool) -> int:
+    return sum(layer_bytes(dims, heads_per_layer, cells, streams, type_k, type_v, flash_attn))
 
 
 def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: int, n_ctx: int,
@@ -108,26 +121,31 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
     else:
         n_ctx_seq = pad(n_ctx_pad // n_seq, 256)
     streams = 1 if unified else n_seq
-    stock = cache_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
+    stock_layers = layer_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
+    stock = sum(stock_layers)
 
     def eff(w: int) -> int:
         return 0 if w >= n_ctx_seq else w
 
     active = bool(mixed and windows is not None and any(eff(w) > 0 for row in windows for w in row))
     if not active:
-        return KVPlan(n_ctx_pad, n_ctx_seq, stock, stock, 0, n_ctx_seq, {}, False)
+        return KVPlan(n_ctx_pad, n_ctx_seq, stock, stock, 0, n_ctx_seq, {}, False, tuple(stock_layers))
 
     groups = sorted({eff(w) for row in windows for w in row})
     full_bytes = ring_bytes = 0
     ring_cells: dict[int, int] = {}
+    layers = [0] * dims.n_layer
     for w in groups:
         per_layer = [sum(1 for x in row if eff(x) == w) for row in windows]
         if w == 0:
-            full_bytes = cache_bytes(dims, per_layer, n_ctx_seq, streams, type_k, type_v, flash_attn)
+            lb = layer_bytes(dims, per_layer, n_ctx_seq, streams, type_k, type_v, flash_attn)
+            full_bytes = sum(lb)
         else:
             need = (w + sink) * (n_seq if unified else 1) + n_ubatch
             cells = min(n_ctx_seq, pad(min(n_ctx_seq, need), 256))
             ring_cells[w] = cells
-            ring_bytes += cache_bytes(dims, per_layer, cells, streams, type_k, type_v, flash_attn)
+            lb = layer_bytes(dims, per_layer, cells, streams, type_k, type_v, flash_attn)
+            ring_bytes += sum(lb)
+        layers = [a + b for a, b in zip(layers, lb)]
     return KVPlan(n_ctx_pad, n_ctx_seq, stock, full_bytes, ring_bytes, n_ctx_seq if 0 in groups else 0,
-                  ring_cells, True)
+                  ring_cells, True, tuple(layers))

@@ -115,6 +115,7 @@ class Model:
         self.n_threads = llm.n_threads
         self.last_stats: Optional[GenStats] = None
         self.beacons = False  # route generation through the beacon loop (set by load)
+        self.n_gpu_layers: Union[int, str] = 0  # resolved layers offloaded: an int or "all" (set by load)
         self._formatter = None
         self._control = Control(self)  # stop(), close() and newer calls, as the core sees them
 
@@ -123,7 +124,7 @@ class Model:
     def load(cls, path: Union[str, os.PathLike], n_ctx: int = 4096, n_threads: Optional[int] = None,
              n_ubatch: int = 512, cache_type: str = "f16", mixed: Optional[bool] = None,
              flash_attn: Optional[bool] = None, seed: int = 0, verbose: bool = False,
-             beacons: Optional[bool] = None) -> "Model":
+             beacons: Optional[bool] = None, n_gpu_layers: Union[None, int, str] = None) -> "Model":
         """Load a GGUF.
 
         ``mixed``: None follows the file's ``kvtool.kv.enabled``; True/False override it for this load only.
@@ -132,6 +133,8 @@ class Model:
         (ring cells = pad256(window + sink + n_ubatch)), so small machines want a small ``n_ubatch``.
         ``beacons``: None runs the beacon loop (``toolchain.runtime.beacons``) when the file has
         ``kvtool.beacon.*`` keys; False ignores them; True requires them.
+        ``n_gpu_layers``: an int >= 0 or "all"; None means all when the runtime has a GPU device, else 0. GPU layers
+        asked of a CPU-only runtime give one warning line and a CPU run (``toolchain.runtime.offload``).
         """
         from converters.gguf_budgets import read_budgets
 
@@ -139,6 +142,7 @@ class Model:
         from ..gguf_keys import cache_type as check_cache_type
         from .library import require_patched
         from .memory import dims_from_gguf
+        from .offload import llama_value, parse_gpu_layers, resolve_gpu_layers
 
         p = _check_path(path)
         budgets = read_budgets(p)  # KvtoolError for a non-GGUF or truncated file, or bad kvtool keys
@@ -149,6 +153,7 @@ class Model:
             raise KvtoolError(f"n_ubatch must be >= 1, got {n_ubatch}")
         if n_threads is not None and int(n_threads) < 1:
             raise KvtoolError(f"n_threads must be >= 1, got {n_threads}")
+        parse_gpu_layers(n_gpu_layers, "n_gpu_layers")  # a bad value fails here, before anything loads
         tid = check_cache_type(cache_type).ggml_id
         has_budgets = budgets is not None and budgets.head_window is not None
         overrides = None
@@ -165,15 +170,18 @@ class Model:
         if cache_type not in ("f16", "f32", "bf16") and not fa:
             raise KvtoolError(f"a quantized KV cache ({cache_type}) needs flash attention; drop flash_attn=False")
         require_patched()
+        gpu_layers = resolve_gpu_layers(n_gpu_layers, what="n_gpu_layers")
         threads = int(n_threads) if n_threads is not None else _default_threads()
         try:
             llm = _cls()(str(p), n_ctx=int(n_ctx), n_batch=max(512, int(n_ubatch)), n_ubatch=int(n_ubatch),
                          n_threads=threads, n_threads_batch=threads, flash_attn=fa, type_k=tid, type_v=tid,
-                         seed=int(seed), kv_overrides=overrides, verbose=verbose)
+                         seed=int(seed), kv_overrides=overrides, n_gpu_layers=llama_value(gpu_layers),
+                         verbose=verbose)
         except (ValueError, RuntimeError, OSError) as e:
             raise KvtoolError(f"{p}: llama.cpp could not load it ({e})", code=1) from e
         m = cls(llm, p, budgets, dims, mixed, fa, cache_type, int(n_ctx))
         m.beacons = has_beacons if beacons is None else bool(beacons)
+        m.n_gpu_layers = gpu_layers
         return m
 
     def close(self) -> None:
@@ -219,7 +227,7 @@ class Model:
 
     def kv_stats(self) -> dict:
         """Measured KV allocation and live cells, next to the bytes a full cache with the same settings takes."""
-        from .library import kv_bytes, kv_groups, kv_used_cells
+        from .library import kv_buffers, kv_bytes, kv_groups, kv_used_cells
         from .memory import predict
 
         ctx = self._llm._ctx.ctx
@@ -235,6 +243,7 @@ class Model:
                 "ratio": round(alloc / plan.stock_bytes, 4) if plan.stock_bytes else None,
                 "live_full_cells": full_c, "live_ring_cells": ring_c,
                 "groups": [{"window": w, "cells": c} for w, c in kv_groups(ctx)],
+                "buffers": kv_buffers(ctx), "gpu_layers": self.n_gpu_layers,
                 "context_tokens": int(self._llm.n_tokens) or max(full_c, ring_c), "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
                 "cache_type": self.cache_type, "n_threads": self.n_threads, "beacons": self._beacon_kv()}
 
