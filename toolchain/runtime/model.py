@@ -264,6 +264,8 @@ class Model:
     # ------------------------------------------------------------------ generation
     def stop(self) -> None:
         """End the current generation after the token being computed (safe from a signal handler/other thread)."""
+        if self.closed:
+            raise KvtoolError("model is closed")
         self._control.stop_requested = True
 
     def reset(self) -> None:
