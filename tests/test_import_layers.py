@@ -19,6 +19,7 @@ LAYER_OF = {
     "toolchain.errors": "base",
     "toolchain.paths": "base",
     "toolchain.fmt": "base",
+    "toolchain.console": "base",
     "toolchain.heads": "base",
     "toolchain.gguf_keys": "base",
     "toolchain.sdist": "base",

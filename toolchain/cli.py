@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .commands.offload_option import gpu_layers_option
+from .console import echo_stderr
 from .errors import KvtoolError
 
 BACKENDS = ["cpu", "cuda", "metal", "vulkan"]
@@ -27,8 +28,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _echo(msg: str) -> None:
-    click.echo(msg, err=True)
+_echo = echo_stderr
 
 
 @cli.command("build-runtime")

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import click
 
 from ..errors import KvtoolError
-from .generate import fmt_bytes, fmt_rate, kv_summary, load_model, load_options, run_standalone, status_line
+from ..fmt import fmt_bytes
+from .generate import fmt_rate, kv_summary, load_model, load_options, run_standalone, status_line
 
 DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
 OPEN, CLOSE = "<think>", "</think>"

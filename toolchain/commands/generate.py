@@ -12,6 +12,7 @@ from typing import Optional
 import click
 
 from ..errors import KvtoolError
+from ..fmt import fmt_bytes
 from ..gguf_keys import CACHE_TYPES
 from .offload_option import gpu_layers_option
 
@@ -44,15 +45,6 @@ def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], ca
     return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
                       mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed,
                       beacons=False if no_beacons else None, n_gpu_layers=gpu_layers)
-
-
-def fmt_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "?"
-    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= k:
-            return f"{n / k:.1f} {unit}"
-    return f"{n} B"
 
 
 def fmt_rate(x: Optional[float]) -> str:
