@@ -32,7 +32,7 @@ TORCH_PIN := $(shell [ "$$(uname -s)" = Linux ] && [ "$$(uname -m)" = x86_64 ] &
                      ! command -v nvidia-smi >/dev/null 2>&1 && echo "torch==2.13.0")
 endif
 
-.PHONY: demo lint test test-all venv runtime clean distclean vulkan-deps test-gpu check-cuda
+.PHONY: demo lint test test-all fuzz venv runtime clean distclean vulkan-deps test-gpu check-cuda
 
 venv: $(EXTRAS_STAMP)
 
@@ -101,6 +101,13 @@ check-cuda:
 	$(MAKE) $(CUDA_VENV)/.kvtool-core.stamp VENV=$(CUDA_VENV)
 	$(CUDA_VENV)/bin/kvtool build-runtime --backend cuda $(RUNTIME_ARGS)
 	$(CUDA_VENV)/bin/python bench/check_cuda.py
+
+# Open-ended fuzzing (hypothesis) of the GGUF header parser and the heads.json reader; not part of `make test`
+# or CI. FUZZ_EXAMPLES=100000 runs longer. The fast generated catalogue is tests/test_fuzz_inputs.py (in the suite).
+FUZZ_EXAMPLES ?= 2000
+fuzz: venv
+	$(PIP) install -q hypothesis
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest -q -p no:cacheprovider tests/fuzz_parsers.py $(PYTEST_ARGS)
 
 demo: venv
 	$(KVTOOL) fetch smollm2

@@ -53,6 +53,7 @@ def main() -> None:
     from llama_cpp import Llama
 
     from toolchain import Model
+    from toolchain.runtime.handles import clear_kv
 
     tmp = None
     path = args.model
@@ -70,8 +71,7 @@ def main() -> None:
                 verbose=False)
 
     def run_raw():
-        raw.reset()
-        raw._ctx.kv_cache_clear()
+        clear_kv(raw)
         return decode_rate(raw.create_completion(PROMPT, max_tokens=args.tokens, temperature=0.0, stream=True))
 
     def run_model():
@@ -98,17 +98,23 @@ def main() -> None:
                   "ratio": round(med["model"][m] / med["raw"][m], 4),
                   "overhead_pct": round(100 * (1 - med["model"][m] / med["raw"][m]), 2)}
 
-    # Isolated per-token cost of the wrapper: the same two call paths with llama.cpp taken out (Llama.generate
-    # replaced by a generator replaying fixed tokens), best of many runs. What is left is Python work only:
-    # create_completion's own per-token work (shared by both) plus Model's layers (the difference).
+    # Isolated per-token cost of the text layers: the same two call paths with the token loop taken out (raw:
+    # Llama.generate; Model: the decode core's generate_step; each replaced by a generator replaying fixed tokens),
+    # best of many runs. What is left is Python work only: create_completion's detokenize/stop handling against
+    # stream_generate's pieces/stop filter/stats. (The loops themselves are in the end-to-end rates above.)
     replay = model.tokenize(" The fisherman pulled his net from the water and counted the fish." * 40,
                             add_bos=False)[:args.tokens]
 
     def fake_generate(self, tokens, *a, **k):
         yield from replay
 
-    real_generate = Llama.generate
-    Llama.generate = fake_generate
+    from toolchain.runtime import decode as core
+
+    def fake_step(*a, **k):
+        yield from replay
+
+    real_generate, real_step = Llama.generate, core.generate_step
+    Llama.generate, core.generate_step = fake_generate, fake_step
     try:
         def best(fn, n=30) -> float:
             ts = []
@@ -122,7 +128,7 @@ def main() -> None:
         t_raw = best(lambda: raw.create_completion(PROMPT, max_tokens=args.tokens, temperature=0.0, stream=True))
         t_model = best(lambda: model.generate(PROMPT, max_tokens=args.tokens, temperature=0.0, stream=True))
     finally:
-        Llama.generate = real_generate
+        Llama.generate, core.generate_step = real_generate, real_step
     per_tok_us = (t_model - t_raw) / len(replay) * 1e6
     token_ms = 1e3 / med["raw"]["wall"]
     out["isolated"] = {"python_per_token_us_raw": round(t_raw / len(replay) * 1e6, 2),

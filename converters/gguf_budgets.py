@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -93,25 +92,14 @@ class ModelShape:
 
 def model_shape(h: GGUFHeader) -> ModelShape:
     """block_count x head_count_kv (uniform across layers, which is what heads.json can express)."""
-    path = h.path
-    arch = h.value("general.architecture")
-    if not isinstance(arch, str):
-        raise KvtoolError(f"{path}: GGUF has no general.architecture")
-    n_layer = h.value(f"{arch}.block_count")
-    if not isinstance(n_layer, int) or n_layer < 1:
-        raise KvtoolError(f"{path}: GGUF has no valid {arch}.block_count")
-    v = h.value(f"{arch}.attention.head_count_kv")
-    if v is None:  # llama.cpp's default: as many KV heads as query heads
-        v = h.value(f"{arch}.attention.head_count")
-    if v is None:
-        raise KvtoolError(f"{path}: GGUF has no {arch}.attention.head_count_kv")
-    counts = [int(x) for x in v] if isinstance(v, list) else [int(v)] * n_layer
-    if len(counts) != n_layer:
-        raise KvtoolError(f"{path}: {arch}.attention.head_count_kv has {len(counts)} entries for {n_layer} layers")
-    if len(set(counts)) != 1 or counts[0] < 1:
-        raise KvtoolError(f"{path}: head_count_kv differs across layers ({sorted(set(counts))}); "
+    from .gguf_fields import model_fields
+
+    f = model_fields(h, dims=False)
+    counts = f.n_head_kv
+    if len(set(counts)) != 1:
+        raise KvtoolError(f"{h.path}: head_count_kv differs across layers ({sorted(set(counts))}); "
                           f"kvtool masks need the same number of KV heads in every layer")
-    return ModelShape(arch, n_layer, counts[0], h.value("general.name"), h.array_len("tokenizer.ggml.tokens"))
+    return ModelShape(f.arch, f.n_layer, counts[0], f.name, f.n_vocab)
 
 
 @dataclass(frozen=True)
@@ -164,8 +152,11 @@ def _budgets(h: GGUFHeader) -> Optional[Budgets]:
         if len(hw) != shape.n_layer * shape.n_head_kv:
             raise KvtoolError(f"{path}: {K_HEAD_WINDOW} has {len(hw)} entries, expected "
                               f"{shape.n_layer}x{shape.n_head_kv} = {shape.n_layer * shape.n_head_kv}")
-        if any(not 0 <= w <= _I32_MAX for w in hw):
-            raise KvtoolError(f"{path}: {K_HEAD_WINDOW} has a negative window (0 = full head)")
+        for i, w in enumerate(hw):
+            if not 0 <= w <= _I32_MAX:
+                where = f"layer {i // shape.n_head_kv} head {i % shape.n_head_kv}"
+                why = "a negative window (0 = full head)" if w < 0 else f"larger than {_I32_MAX}, the runtime's limit"
+                raise KvtoolError(f"{path}: {K_HEAD_WINDOW}: the window of {where} is {w}: {why}")
         H = shape.n_head_kv
         head_window = [list(hw[i * H:(i + 1) * H]) for i in range(shape.n_layer)]
     enabled = get(K_ENABLED, (T_BOOL,), "bool")
@@ -178,15 +169,37 @@ def _budgets(h: GGUFHeader) -> Optional[Budgets]:
         raise KvtoolError(f"{path}: {K_SINK} must be a non-negative u32, got {sink}")
     method = get(K_METHOD, (T_STR,), "string")
     sparsity = get(K_SPARSITY, (T_F32, T_F64), "f32")
-    tok = get(K_BEACON_TOKEN, _INT_TYPES, "u32")
-    interval = get(K_BEACON_INTERVAL, _INT_TYPES, "u32")
+    tok, interval = beacon_keys(h)
+    return Budgets(enabled, sink, head_window, method, None if sparsity is None else float(sparsity), tok, interval)
+
+
+def beacon_keys(h: GGUFHeader) -> tuple[Optional[int], Optional[int]]:
+    """(token_id, interval) of a file's ``kvtool.beacon.*`` keys, (None, None) without them. The one validator
+    that ``inspect``, ``generate`` and ``convert`` (on its input and its output) all use: both keys or none,
+    interval in [1, 2^32), token id inside the file's vocabulary."""
+    path = h.path
+    vals = {}
+    for key in (K_BEACON_TOKEN, K_BEACON_INTERVAL):
+        s = h.kvs.get(key)
+        if s is not None and s.type not in _INT_TYPES:
+            raise KvtoolError(f"{path}: {key} has the wrong type (expected u32)")
+        vals[key] = None if s is None else h.value(key)
+    tok, interval = vals[K_BEACON_TOKEN], vals[K_BEACON_INTERVAL]
     if (tok is None) != (interval is None):
         raise KvtoolError(f"{path}: {K_BEACON_TOKEN} and {K_BEACON_INTERVAL} must be given together")
-    if interval is not None and interval < 1:
-        raise KvtoolError(f"{path}: {K_BEACON_INTERVAL} must be >= 1")
-    if tok is not None and tok < 0:
-        raise KvtoolError(f"{path}: {K_BEACON_TOKEN} must be >= 0")
-    return Budgets(enabled, sink, head_window, method, None if sparsity is None else float(sparsity), tok, interval)
+    if tok is None:
+        return None, None
+    check_beacon(tok, interval, h.array_len("tokenizer.ggml.tokens"), f"{path}: ")
+    return int(tok), int(interval)
+
+
+def check_beacon(token_id: int, interval: int, n_vocab: Optional[int], where: str = "") -> None:
+    if not 1 <= interval <= 0xFFFFFFFF:
+        raise KvtoolError(f"{where}beacon interval must be >= 1 and < 2^32, got {interval}")
+    if not 0 <= token_id <= 0xFFFFFFFF:
+        raise KvtoolError(f"{where}beacon token id must be >= 0, got {token_id}")
+    if n_vocab is not None and token_id >= n_vocab:
+        raise KvtoolError(f"{where}beacon token id {token_id} is outside the model's vocabulary of {n_vocab}")
 
 
 # --- writing ----------------------------------------------------------------------------------------------------
@@ -245,24 +258,16 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         left -= n
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def rewrite_gguf(src: str | os.PathLike, dst: str | os.PathLike, set_keys: dict[str, Value],
                  drop: Callable[[str], bool] = lambda k: False, fsync: bool = False) -> Path:
     """Copy ``src`` to ``dst`` with ``set_keys`` added (replacing same-named keys) and keys where ``drop`` is true
-    removed. Tensor infos and data are copied byte for byte. Atomic: ``dst`` appears complete or not at all."""
+    removed. Tensor infos and data are copied byte for byte. Atomic: ``dst`` appears complete or not at all, and
+    an interrupted write (Ctrl-C, SIGTERM, SIGHUP) leaves no temp file (``toolchain.atomic``)."""
+    from toolchain.atomic import atomic_output
+    from toolchain.validate import check_output_path
+
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve() or _same_file(src, dst):
-        raise KvtoolError(f"refusing to overwrite the input {src}; give another output path")
-    if dst.is_dir():
-        raise KvtoolError(f"output {dst} is a directory")
-    if not dst.parent.is_dir():
-        raise KvtoolError(f"output directory {dst.parent} does not exist")
+    check_output_path(dst, [src])
     with open_gguf(src) as h:
         e = ">" if h.big_endian else "<"
         kept = [kv for k, kv in h.kvs.items() if k not in set_keys and not drop(k)]
@@ -273,35 +278,21 @@ def rewrite_gguf(src: str | os.PathLike, dst: str | os.PathLike, set_keys: dict[
         for k, v in set_keys.items():
             head += pack_kv(k, v, h.big_endian)
         head += h.raw(h.kv_end, h.ti_end)  # tensor infos: offsets are relative to the data section
-        head += b"\0" * ((-len(head)) % h.alignment)
-        data_offset, data_len, src_size = h.data_offset, h.file_size - h.data_offset, h.file_size
+        n_pad = (-len(head)) % h.alignment
+        data_offset, data_len, src_size = h.data_offset, max(0, h.file_size - h.data_offset), h.file_size
 
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    except OSError as ex:
-        raise KvtoolError(f"cannot write to {dst.parent}: {ex.strerror}") from None
-    try:
+    with atomic_output(dst, default_file_mode()) as fd:
         with open(src, "rb") as fin:
             if os.fstat(fin.fileno()).st_size != src_size:
                 raise KvtoolError(f"{src} changed while converting")
             _write_all(fd, bytes(head))
+            zeros = bytes(min(n_pad, _COPY_CHUNK))
+            while n_pad > 0:  # padding in chunks: a large general.alignment must not allocate it at once
+                _write_all(fd, zeros[:min(n_pad, len(zeros))])
+                n_pad -= min(n_pad, len(zeros))
             _copy_range(fin.fileno(), fd, data_offset, data_len)
         if fsync:
             os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, dst)
-    except BaseException as ex:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(ex, OSError):
-            raise KvtoolError(f"writing {dst} failed: {ex.strerror or ex}") from None
-        raise
     return dst
 
 
@@ -322,10 +313,7 @@ def budget_keys(mask: HeadsMask, beacon_token: Optional[int] = None, beacon_inte
     if (beacon_token is None) != (beacon_interval is None):
         raise KvtoolError("--beacon-token and --beacon-interval go together")
     if beacon_token is not None:
-        if not 0 <= beacon_token <= 0xFFFFFFFF:
-            raise KvtoolError(f"beacon token id must be >= 0, got {beacon_token}")
-        if not 1 <= beacon_interval <= 0xFFFFFFFF:
-            raise KvtoolError(f"beacon interval must be >= 1, got {beacon_interval}")
+        check_beacon(beacon_token, beacon_interval, None)
         keys[K_BEACON_TOKEN] = Value(T_U32, int(beacon_token))
         keys[K_BEACON_INTERVAL] = Value(T_U32, int(beacon_interval))
     return keys
@@ -336,14 +324,19 @@ def apply_mask(src: str | os.PathLike, dst: str | os.PathLike, mask: HeadsMask,
                enabled: bool = True, fsync: bool = False) -> Path:
     """Write ``dst`` = ``src`` + the mask's kvtool keys. Earlier budget keys are replaced; earlier beacon keys are
     kept unless new ones are given (beacons belong to the trained weights, the mask to this conversion)."""
+    new_beacon = beacon_token is not None
+    from .gguf_fields import model_fields
+
     with open_gguf(src) as h:
         shape = model_shape(h)
+        model_fields(h)  # the fields a runtime needs: never write a file that inspect would refuse
+        if not new_beacon:
+            beacon_keys(h)  # beacon keys carried over from the input must be valid ones
     if (mask.n_layer, mask.n_head_kv) != (shape.n_layer, shape.n_head_kv):
         raise shape_error((mask.n_layer, mask.n_head_kv), (shape.n_layer, shape.n_head_kv))
-    if beacon_token is not None and shape.n_vocab is not None and beacon_token >= shape.n_vocab:
-        raise KvtoolError(f"beacon token id {beacon_token} is outside the model's vocabulary of {shape.n_vocab}")
+    if new_beacon:
+        check_beacon(beacon_token, beacon_interval if beacon_interval is not None else 1, shape.n_vocab)
     keys = budget_keys(mask, beacon_token, beacon_interval, enabled)
-    new_beacon = beacon_token is not None
 
     def drop(k: str) -> bool:
         if not k.startswith(PREFIX):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from toolchain.errors import KvtoolError
+from toolchain.validate import check_input_path
 
 # GGUF value type ids (same numbering as gguf.GGUFValueType).
 T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64, T_I64, T_F64 = range(13)
@@ -23,9 +25,18 @@ SCALAR_FMT = {T_U8: "B", T_I8: "b", T_U16: "H", T_I16: "h", T_U32: "I", T_I32: "
               T_BOOL: "?", T_U64: "Q", T_I64: "q", T_F64: "d"}
 HEADER_LEN = 24  # magic, version u32, n_tensors u64, n_kv u64
 DEFAULT_ALIGNMENT = 32
+# the GGUF spec stores general.alignment as u32 (ggml reads it so)
+MAX_ALIGNMENT = 1 << 31
+# ggml's gguf reader takes no arrays of arrays at all; one level is allowed here, deeper is a damaged file
+# (and must not recurse 5000 frames deep)
+MAX_ARRAY_DEPTH = 2
 
 
 class _Truncated(Exception):
+    pass
+
+
+class _TooDeep(Exception):
     pass
 
 
@@ -55,20 +66,27 @@ class GGUFHeader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         p = self.path
-        if not p.exists():
-            raise KvtoolError(f"{p}: no such file")
+        self._mm = None
+        check_input_path(p)  # a missing path or a name the system refuses (too long) is one line
         if p.is_dir():
             raise KvtoolError(f"{p} is a directory, not a GGUF file")
-        self.file_size = p.stat().st_size
-        with open(p, "rb") as f:
-            magic = f.read(4)
-            if magic != b"GGUF":
-                raise KvtoolError(f"{p}: not a GGUF file (magic {magic!r})")
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(p, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise KvtoolError(f"{p}: not a regular file")
+                self.file_size = os.fstat(f.fileno()).st_size
+                magic = f.read(4)
+                if magic != b"GGUF":
+                    raise KvtoolError(f"{p}: not a GGUF file (magic {magic!r})")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise KvtoolError(f"{p}: cannot read ({e.strerror or e})") from None
         try:
             self._parse()
         except _Truncated:
             raise KvtoolError(f"{p}: truncated GGUF (header ends past the end of the file)") from None
+        except _TooDeep:
+            raise KvtoolError(f"{p}: damaged GGUF header (arrays nested deeper than {MAX_ARRAY_DEPTH} levels)") from None
         except (UnicodeDecodeError, ValueError, OverflowError) as e:
             raise KvtoolError(f"{p}: damaged GGUF header ({e.__class__.__name__})") from None
 
@@ -98,7 +116,7 @@ class GGUFHeader:
         self._need(off + 8, n)
         return bytes(self._mm[off + 8:off + 8 + n]).decode("utf-8"), off + 8 + n
 
-    def _skip_value(self, t: int, off: int) -> int:
+    def _skip_value(self, t: int, off: int, depth: int = 0) -> int:
         if t in SCALAR_FMT:
             n = struct.calcsize(SCALAR_FMT[t])
             self._need(off, n)
@@ -125,8 +143,10 @@ class GGUFHeader:
                     raise _Truncated
                 return off
             if sub == T_ARR:
+                if depth + 1 >= MAX_ARRAY_DEPTH:
+                    raise _TooDeep
                 for _ in range(count):
-                    off = self._skip_value(T_ARR, off)
+                    off = self._skip_value(T_ARR, off, depth + 1)
                 return off
         raise ValueError(f"unknown GGUF value type {t}")
 
@@ -160,8 +180,9 @@ class GGUFHeader:
             off = end
         self.kv_end = off
         align = self.value("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise KvtoolError(f"{self.path}: general.alignment must be a power of two, got {align!r}")
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1) \
+                or align > MAX_ALIGNMENT:
+            raise KvtoolError(f"{self.path}: general.alignment must be a power of two <= 2^31, got {align!r}")
         self.alignment = align
         infos = []
         for _ in range(self.n_tensors):
@@ -201,7 +222,12 @@ class GGUFHeader:
         kv = self.kvs.get(key)
         if kv is None:
             return default
-        return self._decode(kv.type, kv.value_start)[0]
+        try:
+            return self._decode(kv.type, kv.value_start)[0]
+        except UnicodeDecodeError:  # found by make fuzz: values are only decoded on demand
+            raise KvtoolError(f"{self.path}: {key[:80]} holds a string that is not UTF-8") from None
+        except (_Truncated, ValueError, struct.error):
+            raise KvtoolError(f"{self.path}: damaged value of {key[:80]}") from None
 
     def array_len(self, key: str) -> Optional[int]:
         kv = self.kvs.get(key)

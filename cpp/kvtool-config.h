@@ -1,4 +1,4 @@
-// kvtool budgets read from the GGUF (ARCHITECTURE §2).
+// kvtool budgets read from the GGUF (docs/architecture.md §2, keys in docs/gguf-keys.md).
 //
 // Why a struct on llama_model: the budgets are a property of the file (plus kv_overrides), known at load time,
 // and needed later when a context creates its memory. Tensors are never touched: heads are gathered at run time.

@@ -1,12 +1,50 @@
 // kvtool graph code (see kvtool-graph.h). Only ggml ops: it builds for CPU, CUDA, Metal and Vulkan alike.
 #include "kvtool-graph.h"
 
+#include "kvtool-config.h"
 #include "llama-kv-cache-mixed.h"
 
 #include "llama-impl.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <cstring>
+
+// Per head group attended in a layer: 3 gathers + reshape, the K/V stores (views, set_rows, V transposes),
+// the cache views, build_attn_mha (views, permutes, casts, flash attention or mul_mat/soft_max/mul_mat/cont),
+// the output reshape and concat, and the group's head index input: about 30 objects, budgeted with headroom.
+static const uint32_t KVTOOL_NODES_PER_GROUP_LAYER = 48;
+// Per split layer: q cont + reshape, the inverse index, its gather and the final reshape.
+static const uint32_t KVTOOL_NODES_PER_SPLIT_LAYER = 8;
+// Per group, once per graph: its attention inputs (k/v indices, mask and its cast, rotations).
+static const uint32_t KVTOOL_NODES_PER_GROUP = 16;
+
+uint32_t kvtool_graph_extra_nodes(const llama_model & model) {
+    const auto & cfg = model.kvtool_cfg;
+    if (!cfg || !cfg->present || !cfg->enabled) {
+        return 0;
+    }
+    const llama_hparams & hp = model.hparams;
+    std::vector<int32_t> all;
+    uint64_t extra = 0;
+    for (uint32_t il = 0; il < hp.n_layer_all && il < cfg->layer_offset.size(); ++il) {
+        const uint32_t off = cfg->layer_offset[il];
+        const uint32_t n   = hp.n_head_kv(il);
+        if (n == 0 || off + n > cfg->head_window.size()) {
+            continue;
+        }
+        std::vector<int32_t> w(cfg->head_window.begin() + off, cfg->head_window.begin() + off + n);
+        std::sort(w.begin(), w.end());
+        w.erase(std::unique(w.begin(), w.end()), w.end());
+        all.insert(all.end(), w.begin(), w.end());
+        // the stock budget already covers one attention per layer
+        extra += (uint64_t) w.size() * KVTOOL_NODES_PER_GROUP_LAYER + (w.size() > 1 ? KVTOOL_NODES_PER_SPLIT_LAYER : 0);
+    }
+    std::sort(all.begin(), all.end());
+    all.erase(std::unique(all.begin(), all.end()), all.end());
+    extra += (uint64_t) all.size() * KVTOOL_NODES_PER_GROUP;
+    return (uint32_t) std::min<uint64_t>(extra, UINT32_MAX / 2);
+}
 
 llm_graph_input_attn_kv_mixed::llm_graph_input_attn_kv_mixed(
         const llama_hparams & hparams,

@@ -10,6 +10,12 @@
 #include <vector>
 
 class llama_kv_cache_mixed_context;
+struct llama_model;
+
+// Graph objects (nodes, views and inputs) the mixed attention adds on top of the stock budget, sized from the
+// model's actual head groups: llama_context::graph_max_nodes adds this, so a file with many windows per layer
+// cannot run out of the graph's memory pool (0 when the file has no budgets or they are disabled).
+uint32_t kvtool_graph_extra_nodes(const llama_model & model);
 
 class llm_graph_input_attn_kv_mixed : public llm_graph_input_attn_kv {
 public:

@@ -1,4 +1,4 @@
-// llama_kv_cache_mixed: a per-head mixed KV cache (ARCHITECTURE §4).
+// llama_kv_cache_mixed: a per-head mixed KV cache (docs/architecture.md §4).
 //
 // Heads are split into groups by window: group "full" (window 0) keeps every position; each window W keeps
 // the S sink positions plus the last W positions in a ring. Every group is an ordinary llama_kv_cache built from

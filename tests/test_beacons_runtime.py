@@ -179,7 +179,7 @@ def test_model_text_api(tiny):
 
 
 def test_stop_filter_holds_back_partial_stop_strings():
-    from toolchain.runtime.beacons import _stop_filter
+    from toolchain.runtime.text import stop_filter as _stop_filter
 
     hit = []
     out = list(_stop_filter(iter(["ab", "c<", "/s", "> tail"]), ["</s>"], lambda: hit.append(1)))

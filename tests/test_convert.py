@@ -28,6 +28,7 @@ def make_gguf(path: Path, n_layer: int = 3, head_count_kv=2, alignment: int | No
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny test model")
     w.add_block_count(n_layer)
+    w.add_embedding_length(64)  # the runtime header fields convert checks (converters.gguf_fields)
     if head_count is not None:
         w.add_head_count(head_count)
     if head_count_kv is not None:

@@ -6,12 +6,14 @@ Errors a user can fix are ``KvtoolError``: one line on stderr, non-zero exit, no
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from . import __version__
 from .commands.offload_option import gpu_layers_option
+from .console import echo_stderr
 from .errors import KvtoolError
 
 BACKENDS = ["cpu", "cuda", "metal", "vulkan"]
@@ -26,8 +28,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _echo(msg: str) -> None:
-    click.echo(msg, err=True)
+_echo = echo_stderr
 
 
 @cli.command("build-runtime")
@@ -131,10 +132,30 @@ def _register() -> None:
 _register()
 
 
+def _stdout_failed() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush cannot fail a second time."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _os_error_line(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else "writing output failed: "
+    where = where if len(where) <= 240 else where[:110] + "..." + where[-110:]
+    return f"kvtool: error: {where}{e.strerror or e}"
+
+
 def main(argv=None) -> None:
+    from .atomic import Terminated, install_termination_handlers
+
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    install_termination_handlers()  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files are removed
     try:
         rv = cli.main(args=argv, prog_name="kvtool", standalone_mode=False)
+        sys.stdout.flush()  # a full disk or /dev/full under stdout is an error here, not a silent cut
     except KvtoolError as e:
         if debug:
             raise
@@ -156,6 +177,27 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("kvtool: interrupted", err=True)
         sys.exit(130)
+    except Terminated as e:
+        click.echo(f"kvtool: {e}", err=True)
+        sys.exit(128 + e.signum)
+    # last resort: whatever slipped past the specific checks is still one line, never a traceback
+    except RecursionError:
+        if debug:
+            raise
+        click.echo("kvtool: error: input nested too deeply", err=True)
+        sys.exit(2)
+    except MemoryError:
+        if debug:
+            raise
+        click.echo("kvtool: error: out of memory", err=True)
+        sys.exit(1)
+    except OSError as e:
+        if debug:
+            raise
+        if not e.filename:
+            _stdout_failed()
+        click.echo(_os_error_line(e), err=True)
+        sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

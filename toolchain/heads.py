@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -56,15 +56,20 @@ def check_sparsity(s: Any) -> float:
     return float(s)
 
 
+# the runtime stores sink and windows as i32 (cpp/kvtool-config.cpp): larger values are refused here, where a
+# heads.json is made, not first by convert
+_I32_MAX = 0x7FFFFFFF
+
+
 def check_sink(S: Any) -> int:
-    if not _is_int(S) or S < 0:
-        raise KvtoolError(f"sink must be an integer >= 0, got {S!r}")
+    if not _is_int(S) or not 0 <= S <= _I32_MAX:
+        raise KvtoolError(f"sink must be an integer in [0, {_I32_MAX}], got {S!r}")
     return int(S)
 
 
 def check_window(W: Any) -> int:
-    if not _is_int(W) or W < 1:
-        raise KvtoolError(f"window must be an integer >= 1, got {W!r}")
+    if not _is_int(W) or not 1 <= W <= _I32_MAX:
+        raise KvtoolError(f"window must be an integer in [1, {_I32_MAX}], got {W!r}")
     return int(W)
 
 
@@ -163,6 +168,8 @@ class HeadsMask:
             d = json.loads(text, parse_constant=no_constants)
         except json.JSONDecodeError as e:
             raise KvtoolError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        except RecursionError:
+            raise KvtoolError(f"{p}: JSON nested too deeply for a heads.json") from None
         try:
             return cls.from_dict(d)
         except KvtoolError as e:
@@ -262,30 +269,22 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temp file in the same directory, then rename: a reader never sees a half file."""
-    p = Path(path)
-    if p.is_dir():
-        raise KvtoolError(f"{p} is a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as e:
-        raise KvtoolError(f"cannot write {p}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def write_atomic(path: str | os.PathLike, data: bytes, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write to a locked temp file in the same directory, then rename: a reader never sees a half file, a full
+    disk or a signal leaves no temp file, and ``path`` may not be one of ``inputs`` or a device (``validate``)."""
+    from .atomic import atomic_output, write_all
+    from .validate import check_output_path
+
+    p = check_output_path(path, inputs)
+    with atomic_output(p, default_file_mode()) as fd:
+        write_all(fd, data)
     return p
 
 
 # --- importers and generators ------------------------------------------------------------------------------
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:nan|inf)", re.I)
+
+
 def read_score_tsv(path: str | os.PathLike) -> list[list[float]]:
     """An L x H table of floats, one layer per line, columns separated by tabs (or spaces).
 
@@ -306,10 +305,10 @@ def read_score_tsv(path: str | os.PathLike) -> list[list[float]]:
             raise KvtoolError(f"{p}: line {i} is empty")
         row = []
         for j, c in enumerate(cells, 1):
-            try:
-                v = float(c)
-            except ValueError:
-                raise KvtoolError(f"{p}: line {i}, column {j}: {c!r} is not a number") from None
+            # float() also takes "1_0" (= 10.0) and "infinity"; a score cell is a plain decimal number
+            if not _NUMBER.fullmatch(c):
+                raise KvtoolError(f"{p}: line {i}, column {j}: {c[:40]!r} is not a number")
+            v = float(c)
             if not math.isfinite(v):
                 raise KvtoolError(f"{p}: line {i}, column {j}: {c!r} is not a finite number")
             row.append(v)

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import click
 
 from ..errors import KvtoolError
-from .generate import fmt_bytes, fmt_rate, kv_summary, load_model, load_options, run_standalone, status_line
+from ..fmt import fmt_bytes
+from .generate import fmt_rate, kv_summary, load_model, load_options, run_standalone, status_line
 
 DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
 OPEN, CLOSE = "<think>", "</think>"
@@ -280,6 +281,17 @@ def _restore_sigint(old) -> None:
             pass
 
 
+def _stdin_line() -> Optional[str]:
+    """One line of piped stdin as UTF-8 (None at the end); other bytes are one KvtoolError line."""
+    from ..validate import decode_text
+
+    buf = getattr(sys.stdin, "buffer", None)
+    if buf is None:  # a text stream without bytes underneath (tests, embedding)
+        return sys.stdin.readline() or None
+    raw = buf.readline()
+    return decode_text(raw, "stdin") if raw else None
+
+
 def repl(session: ChatSession, interactive: bool, prompt: str = ">>> ") -> None:
     save = _setup_readline() if interactive else None
     try:
@@ -288,10 +300,12 @@ def repl(session: ChatSession, interactive: bool, prompt: str = ">>> ") -> None:
                 if interactive:
                     line = input(_readline_prompt(prompt, session.tty))
                 else:
-                    line = sys.stdin.readline()
-                    if not line:
+                    line = _stdin_line()
+                    if line is None:
                         break
                     line = line.rstrip("\n")
+            except UnicodeDecodeError as e:
+                raise KvtoolError(f"stdin: not UTF-8 text ({e.reason})") from None
             except EOFError:
                 if interactive:
                     session.say("", err=False)
@@ -336,6 +350,9 @@ def command(model, system, max_tokens, temp, top_p, top_k, seed, show_think, n_c
     """Chat with a GGUF (its own chat template). Reads lines from stdin when it is not a terminal."""
     if max_tokens < 0:
         raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
+    from ..validate import check_sampling
+
+    check_sampling(temp, top_p, top_k, seed=seed, max_tokens=max_tokens)  # before the model loads
     m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons, gpu_layers)
     try:
         m.chat_prompt([{"role": "user", "content": "hi"}])  # an unknown template fails now, not after typing

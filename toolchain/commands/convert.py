@@ -50,6 +50,12 @@ def resolve_mask(mask: HeadsMask, sparsity: Optional[float] = None, per_layer: O
 def convert(model, mask_path, sparsity, per_layer, sink, window, output, outtype, beacon_token, beacon_interval):
     """Write MODEL (GGUF or Hugging Face dir) with the head budgets of a heads.json as kvtool.* keys."""
     t0 = time.perf_counter()
+    from ..validate import check_input_path, check_output_path
+
+    # every input (the model file or every file of a checkpoint directory, the mask) is compared with -o by
+    # inode, so no spelling, link or hard link of an input can be replaced by the output
+    check_input_path(model)
+    check_output_path(output or default_output(Path(model)), [model, mask_path])
     if Path(model).is_dir() and beacon_token is None and beacon_from_checkpoint(model) is not None:
         mask = resolve_mask(HeadsMask.load(mask_path), sparsity, per_layer, sink, window) if mask_path else None
         dst = convert_checkpoint(model, output or default_output(Path(model)), mask, outtype.lower() if outtype else None,

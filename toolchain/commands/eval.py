@@ -8,12 +8,11 @@ import json
 
 import click
 
+from ..console import echo_stderr
 from ..errors import KvtoolError
 from .offload_option import gpu_layers_option
 
-
-def _echo(msg: str) -> None:
-    click.echo(msg, err=True)
+_echo = echo_stderr
 
 
 @click.command("eval")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import click
 
 from ..errors import KvtoolError
+from ..fmt import fmt_bytes
 from ..gguf_keys import CACHE_TYPES
 from .offload_option import gpu_layers_option
 
@@ -45,15 +45,6 @@ def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], ca
     return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
                       mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed,
                       beacons=False if no_beacons else None, n_gpu_layers=gpu_layers)
-
-
-def fmt_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "?"
-    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= k:
-            return f"{n / k:.1f} {unit}"
-    return f"{n} B"
 
 
 def fmt_rate(x: Optional[float]) -> str:
@@ -99,15 +90,18 @@ def read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
         raise KvtoolError("give exactly one of -p TEXT or -f FILE")
     if prompt is not None:
         return prompt
+    from ..validate import check_input_path, decode_text
+
     if file == "-":
-        return sys.stdin.read()
-    p = Path(file)
+        buf = getattr(sys.stdin, "buffer", None)
+        return sys.stdin.read() if buf is None else decode_text(buf.read(), "stdin")
+    p = check_input_path(file)
     if not p.is_file():
-        raise KvtoolError(f"{p}: no such file")
+        raise KvtoolError(f"{p}: not a regular file")
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise KvtoolError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return decode_text(p.read_bytes(), str(p))
+    except OSError as e:
+        raise KvtoolError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
 @click.command("generate")
@@ -132,6 +126,9 @@ def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k
         raise KvtoolError("--system needs --chat")
     if max_tokens < 0:
         raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
+    from ..validate import check_sampling
+
+    check_sampling(temp, top_p, top_k, seed=seed, max_tokens=max_tokens)  # before the model loads
     m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons, gpu_layers)
     try:
         kw = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed, stop=list(stops))

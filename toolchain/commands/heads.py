@@ -10,7 +10,6 @@ from typing import Optional
 
 import click
 
-from ..errors import KvtoolError
 from ..heads import DEFAULT_SINK, DEFAULT_WINDOW, HeadsMask, format_map, import_scores, plot_mask, random_mask
 
 
@@ -18,9 +17,9 @@ def _emit(mask: HeadsMask, out: Optional[str], inputs: tuple = ()) -> None:
     if out is None:
         click.echo(mask.to_json(), nl=False)
         return
-    for i in inputs:
-        if Path(out).resolve() == Path(i).resolve():
-            raise KvtoolError(f"refusing to overwrite the input {i}; give another -o path")
+    from ..validate import check_output_path
+
+    check_output_path(out, inputs)  # by inode: no spelling or link of an input, no device or FIFO
     mask.save(out)
     click.echo(f"wrote {out}: {mask.n_compressed()} of {mask.n_layer * mask.n_head_kv} heads compressed", err=True)
 
@@ -77,8 +76,9 @@ def show_cmd(file, plot):
     """Per-layer full/compressed counts and an L x H map (F = full, c = compressed)."""
     mask = HeadsMask.load(file)
     if plot is not None:
-        if Path(plot).resolve() == Path(file).resolve():
-            raise KvtoolError(f"refusing to overwrite the input {file} with the plot")
+        from ..validate import check_output_path
+
+        check_output_path(plot, [file], "plot")
         plot_mask(mask, plot)
     click.echo(format_map(mask))
     if plot is not None:

@@ -18,12 +18,12 @@ group, measured with ``kvtool_kv_used_cells``; the cache only grows during one g
 allocated KV bytes (``kvtool_kv_bytes``) next to what a stock cache would allocate, and prefill/decode tok/s. Tasks
 may register extra per-problem metrics (:func:`register_metrics`; the CPU reasoner adds token accuracy).
 
-Generation is a plain greedy loop on ``llama_decode`` (argmax of the last logits, stop at an end-of-generation token,
-the chat template's stop strings, or ``max_tokens``), with an empty cache for every problem: the token ids are exact
-(the repetition detector needs them) and each problem's live cells are its own. Beacon variants generate with the
-same greedy rule through :class:`~toolchain.runtime.beacons.BeaconGenerator` (the beacon id is never chosen); their
-peak live KV is the most cells the sequence held at any point (prompt + beacons + the open chunk), not the count at
-the end, because eviction makes the cache shrink during a generation.
+Generation is greedy through the runtime's decode core (``runtime.decode.greedy``: argmax of the last logits, stop at
+an end-of-generation token, the chat template's stop strings, or ``max_tokens``), with an empty cache for every
+problem: the token ids are exact (the repetition detector needs them) and each problem's live cells are its own.
+Beacon variants run the same greedy rule on the core's beacon path (``greedy_beacons``; the beacon id is never
+chosen); their peak live KV is the most cells the sequence held at any point (prompt + beacons + the open chunk), not
+the count at the end, because eviction makes the cache shrink during a generation.
 
 Resumable: with ``out``, each problem's record is appended to ``<out stem>.jsonl`` as soon as it is done, keyed by a
 hash of (model path, size, mtime, variant, task, seed, max_tokens, n_ctx, n_ubatch, cache type) and the problem's

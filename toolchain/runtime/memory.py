@@ -71,20 +71,13 @@ class KVPlan:
 
 
 def dims_from_gguf(path: str | Path) -> ModelDims:
+    """The KV-relevant dims of any GGUF, its header fields validated (``converters.gguf_fields``)."""
     from converters.gguf_budgets import open_gguf
+    from converters.gguf_fields import model_fields
 
     with open_gguf(path) as h:
-        arch = h.value("general.architecture")
-        n_layer = int(h.value(f"{arch}.block_count"))
-        n_head = h.value(f"{arch}.attention.head_count")
-        hkv = h.value(f"{arch}.attention.head_count_kv", n_head)
-        heads = tuple(int(x) for x in hkv) if isinstance(hkv, list) else (int(hkv),) * n_layer
-        n_head0 = int(n_head[0] if isinstance(n_head, list) else n_head)
-        n_embd = int(h.value(f"{arch}.embedding_length"))
-        dk = int(h.value(f"{arch}.attention.key_length", n_embd // n_head0))
-        dv = int(h.value(f"{arch}.attention.value_length", dk))
-        ctx_train = h.value(f"{arch}.context_length")
-    return ModelDims(arch, n_layer, heads, dk, dv, int(ctx_train) if ctx_train else None)
+        f = model_fields(h)
+    return ModelDims(f.arch, f.n_layer, f.n_head_kv, f.head_dim_k, f.head_dim_v, f.n_ctx_train)
 
 
 def layer_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,

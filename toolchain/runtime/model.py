@@ -1,7 +1,8 @@
 """``Model``: the Python API local apps import (``from toolchain import Model``).
 
-Built on llama-cpp-python's ``Llama`` (tokenizer, sampler chain, stop strings, UTF-8 safe streaming), with what
-kvtool needs on top:
+Built on llama-cpp-python's ``Llama`` (loading, tokenizer, chat templates); every generation runs through kvtool's
+decode core (``toolchain.runtime.decode``: sampling, stop strings, UTF-8 safe streaming, timings), with what kvtool
+needs on top:
 
 * budgets apply by themselves: the patched libllama reads them from the GGUF. ``mixed=True/False`` overrides the
   file's ``kvtool.kv.enabled`` through ``kv_overrides``, so one file A/B-tests a full cache against a mixed one;
@@ -9,13 +10,13 @@ kvtool needs on top:
   layer's V rows to the largest per-layer head count ([TAG_V_CACHE_VARIABLE]), so per-layer masks would lose
   their V savings (docs/architecture.md §4);
 * threads default to the physical core count: oversubscribing hyperthreads was measured to collapse throughput;
-* prefix reuse is guarded: llama.cpp keeps the cache from the previous call and only evaluates the new suffix, but
-  a mixed cache can refuse a tail truncation (``llama_memory_seq_rm`` returns false once a ring has dropped cells
-  that a token at the cut would need). ``Llama.eval`` ignores that result, so every generation checks it here and
-  falls back to clearing the cache and evaluating the whole prompt: reuse never runs on stale cells;
-* files with ``kvtool.beacon.*`` keys generate through the beacon loop (``toolchain.runtime.beacons``, llama.cpp's
-  low-level API): every c tokens a beacon is decoded and the chunk behind it leaves the cache, so generation can
-  run past ``n_ctx`` while the live cells fit (``Model.load(..., beacons=False)`` opts out);
+* prefix reuse is guarded: the cache of the previous call is kept and only the new suffix evaluated, but a mixed
+  cache can refuse a tail truncation (``llama_memory_seq_rm`` returns false once a ring has dropped cells that a
+  token at the cut would need); the core then clears the cache and evaluates the whole prompt: reuse never runs on
+  stale cells;
+* files with ``kvtool.beacon.*`` keys generate through the core's beacon path: every c tokens a beacon is decoded
+  and the chunk behind it leaves the cache, so generation can run past ``n_ctx`` while the live cells fit
+  (``Model.load(..., beacons=False)`` opts out);
 * ``kv_stats()`` measures the allocated KV bytes (``kvtool_kv_bytes``) and compares them with what a full cache
   of the same settings would take (``memory.predict``); ``last_stats`` times every generation.
 
@@ -26,12 +27,14 @@ a flag and may be called from a signal handler or another thread to end the curr
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from ..errors import KvtoolError
-from .stats import GenStats
+from .decode import BeaconSchedule, Control, stream_generate
+from .handles import clear_kv
+from .sampling import SamplerSettings
+from .stats import BeaconStats, GenStats
 
 Messages = Sequence[dict]
 
@@ -45,70 +48,27 @@ def _default_threads() -> int:
 
 
 def _llama_class():
-    """``Llama`` with a guarded, timed ``generate`` (made on first use: importing llama_cpp loads libllama)."""
-    import llama_cpp
+    """llama-cpp-python's ``Llama``, imported on first use (importing llama_cpp loads libllama). Its ``generate`` is
+    never called: generation runs through the decode core (``runtime/decode.py``)."""
     from llama_cpp import Llama
 
-    class _KvLlama(Llama):
-        # set by Model around each completion call
-        _kv_rec: Optional[GenStats] = None
-        _kv_t0: float = 0.0
-        _kv_stop: bool = False
-
-        def _kv_prepare(self, tokens: list) -> int:
-            """Reuse the cached prefix only if the cache can be cut there; returns the reused length."""
-            if self.n_tokens == 0:
-                return 0
-            longest = Llama.longest_token_prefix(self._input_ids.tolist(), tokens)
-            consumed = longest == len(tokens)
-            if consumed and self.n_tokens == len(tokens) and not getattr(self, "_requires_eval", True):
-                return longest  # exact hit: Llama samples from the live logits, nothing to cut
-            reuse = longest - 1 if consumed else longest  # one token is re-evaluated to refresh the logits
-            if reuse > 0 and self._ctx.kv_cache_seq_rm(-1, reuse, -1):
-                return reuse
-            # no common prefix, or a ring no longer holds what the cut needs: start from an empty cache
-            if reuse > 0 and self._kv_rec is not None:
-                self._kv_rec.cache_fallback = True
-            self._ctx.kv_cache_clear()
-            self.n_tokens = 0
-            self._requires_eval = True
-            return 0
-
-        def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
-            tokens = list(tokens)
-            rec = self._kv_rec
-            reused = self._kv_prepare(tokens)
-            if rec is not None:
-                rec.prompt_tokens = len(tokens)
-                rec.cached_tokens = reused
-                rec.prompt_eval_tokens = len(tokens) - reused
-            inner = Llama.generate(self, tokens, *args, **kwargs)
-            vocab = self._model.vocab
-            is_eog = llama_cpp.llama_vocab_is_eog
-            clock = time.perf_counter
-            t_first = None
-            try:
-                for tok in inner:
-                    now = clock()
-                    if rec is not None:
-                        if t_first is None:
-                            t_first = now
-                            rec.prefill_s = now - self._kv_t0
-                        rec._sampled += 1
-                        rec.decode_s = now - t_first
-                        if not is_eog(vocab, tok):
-                            rec.generated_tokens += 1
-                    if self._kv_stop:
-                        if rec is not None:
-                            rec.finish_reason = "cancelled"
-                        return
-                    yield tok
-            finally:
-                inner.close()
-
-    return _KvLlama
+    return Llama
 
 
+class _Closed:
+    """Stands in for the ``Llama`` after ``Model.close()``: any use is one KvtoolError, never a freed pointer."""
+
+    def __getattr__(self, name):
+        raise KvtoolError("model is closed")
+
+    def __setattr__(self, name, value):
+        raise KvtoolError("model is closed")
+
+    def __bool__(self) -> bool:
+        return False
+
+
+_CLOSED = _Closed()
 _LLAMA_CLS = None
 
 
@@ -119,10 +79,35 @@ def _cls():
     return _LLAMA_CLS
 
 
+def _note(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
+def _check_memory(dims, budgets, n_ctx: int, n_ubatch: int, cache_type: str, flash_attn: bool) -> None:
+    """Refuse a context whose KV cache alone exceeds this machine's memory (before llama.cpp tries for minutes)."""
+    from .memory import predict
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    try:
+        plan = predict(dims, budgets.head_window if budgets else None, budgets.sink if budgets else 0, n_ctx,
+                       n_ubatch, 1, cache_type, cache_type, flash_attn, mixed=budgets is not None)
+    except KvtoolError:
+        return  # llama.cpp judges layouts the formula does not cover
+    need = plan.mixed_bytes if budgets is not None else plan.stock_bytes
+    if total > 0 and need > total:
+        raise KvtoolError(f"n_ctx {n_ctx} needs {need / 2**30:.1f} GiB of KV cache, more than this machine's "
+                          f"{total / 2**30:.1f} GiB of memory: lower --n-ctx")
+
+
 def _check_path(path: Union[str, os.PathLike]) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise KvtoolError(f"{p}: no such file")
+    from ..validate import check_input_path
+
+    p = check_input_path(path)  # missing, or a name the system refuses (too long): one line
     if p.is_dir():
         raise KvtoolError(f"{p}: is a directory, expected a .gguf file")
     return p
@@ -171,7 +156,7 @@ class Model:
         self.beacons = False  # route generation through the beacon loop (set by load)
         self.n_gpu_layers: Union[int, str] = 0  # resolved layers offloaded: an int or "all" (set by load)
         self._formatter = None
-        self._gen_id = 0
+        self._control = Control(self)  # stop(), close() and newer calls, as the core sees them
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -194,19 +179,23 @@ class Model:
 
         from ..gguf_keys import K_ENABLED
         from ..gguf_keys import cache_type as check_cache_type
+        from ..validate import I32_MAX, N_CTX_MAX, U32_MAX, cap_threads, check_int
         from .library import require_patched
         from .memory import dims_from_gguf
         from .offload import llama_value, parse_gpu_layers, resolve_gpu_layers
 
         p = _check_path(path)
         budgets = read_budgets(p)  # KvtoolError for a non-GGUF or truncated file, or bad kvtool keys
-        dims = dims_from_gguf(p)
-        if int(n_ctx) < 1:
-            raise KvtoolError(f"n_ctx must be >= 1, got {n_ctx}")
-        if int(n_ubatch) < 1:
-            raise KvtoolError(f"n_ubatch must be >= 1, got {n_ubatch}")
-        if n_threads is not None and int(n_threads) < 1:
-            raise KvtoolError(f"n_threads must be >= 1, got {n_threads}")
+        dims = dims_from_gguf(p)  # the header fields every file must have sound (block_count >= 1, ...)
+        n_ctx = check_int("n_ctx", n_ctx, 1, N_CTX_MAX)
+        # llama.cpp pads the context to 256 cells; asking for the padded size keeps Llama's token buffer and
+        # the context the same length, so every prompt check below holds for both
+        n_ctx = (n_ctx + 255) // 256 * 256
+        # llama.cpp clamps the micro-batch to the context; doing it here keeps the ring sizes bounded too
+        n_ubatch = min(check_int("n_ubatch", n_ubatch, 1, I32_MAX), n_ctx)
+        seed = check_int("seed", seed, 0, U32_MAX)
+        if n_threads is not None:
+            n_threads = cap_threads(n_threads, echo=_note)
         parse_gpu_layers(n_gpu_layers, "n_gpu_layers")  # a bad value fails here, before anything loads
         tid = check_cache_type(cache_type).ggml_id
         has_budgets = budgets is not None and budgets.head_window is not None
@@ -223,6 +212,7 @@ class Model:
         fa = has_budgets if flash_attn is None else bool(flash_attn)
         if cache_type not in ("f16", "f32", "bf16") and not fa:
             raise KvtoolError(f"a quantized KV cache ({cache_type}) needs flash attention; drop flash_attn=False")
+        _check_memory(dims, budgets if has_budgets and mixed is not False else None, n_ctx, n_ubatch, cache_type, fa)
         require_patched()
         gpu_layers = resolve_gpu_layers(n_gpu_layers, what="n_gpu_layers")
         threads = int(n_threads) if n_threads is not None else _default_threads()
@@ -239,9 +229,14 @@ class Model:
         return m
 
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        """Free the model. Every later call, and every live stream's next step, raises "model is closed"."""
+        if not self.closed:
+            llm, self._llm = self._llm, _CLOSED
+            llm.close()
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self._llm, _Closed)
 
     def __enter__(self) -> "Model":
         return self
@@ -314,13 +309,13 @@ class Model:
     # ------------------------------------------------------------------ generation
     def stop(self) -> None:
         """End the current generation after the token being computed (safe from a signal handler/other thread)."""
-        self._llm._kv_stop = True
+        if self.closed:
+            raise KvtoolError("model is closed")
+        self._control.stop_requested = True
 
     def reset(self) -> None:
         """Forget the cached prompt: the next call evaluates its prompt from scratch."""
-        self._llm._ctx.kv_cache_clear()
-        self._llm.n_tokens = 0
-        self._llm._requires_eval = True
+        clear_kv(self._llm)
 
     def generate(self, prompt: str, max_tokens: Optional[int] = 256, temperature: float = 0.0,
                  top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
@@ -399,6 +394,11 @@ class Model:
 
     def _complete(self, tokens: list, template_stop: list, max_tokens, temperature, top_p, top_k, min_p,
                   repeat_penalty, seed, stop, stream):
+        from ..validate import check_sampling
+
+        v = check_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens)
+        temperature, top_p, top_k, min_p = v["temperature"], v["top_p"], v["top_k"], v["min_p"]
+        repeat_penalty, seed, max_tokens = v["repeat_penalty"], v["seed"], v["max_tokens"]
         n_ctx = self.n_ctx
         if not tokens:
             raise KvtoolError("empty prompt (and the model adds no BOS token)")
@@ -412,62 +412,13 @@ class Model:
             stops.extend(s for s in stop if s)
         if temperature < 0:
             raise KvtoolError(f"temperature must be >= 0, got {temperature}")
-        if self.beacons:
-            # low-level loop: evicts each chunk behind its beacon, may run past n_ctx while the live cells fit
-            from .beacons import generate_with_beacons
-
-            return generate_with_beacons(self, tokens, max_tokens=max_tokens if max_tokens and max_tokens > 0
-                                         else None, temperature=float(temperature), top_p=float(top_p),
-                                         top_k=int(top_k), min_p=float(min_p), repeat_penalty=float(repeat_penalty),
-                                         seed=seed, stop=stops, stream=stream)
-        kw = dict(prompt=tokens, max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
-                  temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
-                  repeat_penalty=float(repeat_penalty), seed=seed, stop=stops, model=self.name)
-        if stream:
-            return self._stream(kw)
-        rec = self._begin()
-        try:
-            out = self._llm.create_completion(stream=False, **kw)
-        finally:
-            self._end(rec)
-        if rec.finish_reason != "cancelled":
-            rec.finish_reason = out["choices"][0]["finish_reason"] or "stop"
-        return out["choices"][0]["text"]
-
-    def _begin(self) -> GenStats:
-        self._gen_id += 1
+        settings = SamplerSettings(float(temperature), int(top_k), float(top_p), float(min_p), float(repeat_penalty),
+                                   seed)
         rec = GenStats()
-        llm = self._llm
-        llm._kv_rec, llm._kv_stop, llm._kv_t0 = rec, False, time.perf_counter()
         self.last_stats = rec
-        return rec
-
-    def _end(self, rec: GenStats) -> None:
-        llm = self._llm
-        rec.total_s = time.perf_counter() - llm._kv_t0
-        llm._kv_rec = None
-        llm._kv_stop = False
-
-    def _stream(self, kw: dict) -> Iterator[str]:
-        rec = self._begin()
-        my_id = self._gen_id
-        it = self._llm.create_completion(stream=True, **kw)
-        finish = None
-        try:
-            for chunk in it:
-                if self._gen_id != my_id:
-                    raise KvtoolError("this stream was superseded by a newer generate/chat call on the same Model")
-                ch = chunk["choices"][0]
-                if ch.get("finish_reason"):
-                    finish = ch["finish_reason"]
-                if ch["text"]:
-                    yield ch["text"]
-        except GeneratorExit:
-            rec.finish_reason = "cancelled"
-            raise
-        finally:
-            it.close()
-            if self._gen_id == my_id:
-                self._end(rec)
-            if not rec.finish_reason:
-                rec.finish_reason = finish or "stop"
+        beacon, bs = None, None
+        if self.beacons:  # evicts each chunk behind its beacon, may run past n_ctx while the live cells fit
+            beacon = BeaconSchedule(int(self.budgets.beacon_token_id), int(self.budgets.beacon_interval))
+            bs = self.beacon_stats = BeaconStats(beacon.token_id, beacon.interval)
+        it = stream_generate(self._llm, tokens, max_tokens, settings, stops, beacon, rec, bs, self._control)
+        return it if stream else "".join(it)

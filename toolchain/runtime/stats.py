@@ -1,7 +1,7 @@
-"""``GenStats``: what one generation did and how long it took (the numbers every front end reports).
+"""``GenStats`` and ``BeaconStats``: what one generation did and how long it took (the numbers every front end reports).
 
-Why its own module: the llama-cpp-python path (``runtime.model``) and the beacon loop (``runtime.beacons``) both fill
-it, and neither should import the other for it.
+Why its own module: the decode core (``runtime.decode``) fills both, and ``Model``, the beacon loop and eval read
+them; none of those should import another just for a record type.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ class GenStats:
     total_s: float = 0.0
     finish_reason: str = ""        # "stop" (end token or stop string), "length", "cancelled"
     cache_fallback: bool = False   # the mixed cache refused the prefix cut; the prompt was re-evaluated
-    _sampled: int = field(default=0, repr=False)
+    _sampled: int = field(default=0, repr=False)   # tokens sampled, the end-of-generation token included
+    _decodes: int = field(default=0, repr=False)   # llama_decode calls after the prompt (eval's n_decodes)
 
     @property
     def prefill_tok_s(self) -> Optional[float]:
@@ -44,3 +45,25 @@ class GenStats:
 
 def _r(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(x, 2)
+
+
+@dataclass
+class BeaconStats:
+    """What one beacon generation did to the cache (docs/architecture.md §5). ``live_cells``/``peak_live_cells`` count
+    this sequence's cells (prompt + beacons + current chunk) as the loop keeps them; ``peak_full_cells`` is the
+    measured used-cell count of the full-head cache (``kvtool_kv_used_cells``; None on a stock runtime)."""
+
+    token_id: int
+    interval: int
+    prompt_tokens: int = 0
+    generated_tokens: int = 0     # visible tokens yielded (the end-of-generation token excluded)
+    beacons: int = 0              # beacons decoded
+    evicted: int = 0              # chunk cells removed
+    next_pos: int = 0             # position the next token would take (may exceed n_ctx)
+    live_cells: int = 0
+    peak_live_cells: int = 0
+    peak_full_cells: Optional[int] = None
+    finish_reason: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -49,6 +49,7 @@ from torch import nn
 
 from converters.beacon_checkpoint import KVTOOL_JSON
 
+from ..console import echo_stderr
 from ..errors import KvtoolError
 from ..heads import write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
@@ -67,7 +68,6 @@ from .common import (
     checkpoint_path,
     clipped_objective,
     config_mismatch,
-    echo_stderr,
     eos_ids,
     group_advantages,
     left_pad,

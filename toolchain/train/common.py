@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -241,10 +240,6 @@ def config_mismatch(saved: dict, cfg: Any, resumable: set) -> list[str]:
         if old != v:
             bad.append(f"{k} ({old!r} in the checkpoint, {v!r} now)")
     return bad
-
-
-def echo_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def rewrite_log(path: Path, upto: int) -> None:

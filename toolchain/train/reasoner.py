@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ..console import echo_stderr
 from ..tasks.alphabet import BOS, EOS, PAD, UNK, VOCAB
 from ..tasks.long_addition import N_DIGITS, TASK, prompt_len, sequences_text
 from ..tasks.registry import task_spec
@@ -229,11 +230,7 @@ def cot_loss(model, ids, autocast: bool = True, n_digits: int = N_DIGITS, P: Opt
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, P:].reshape(-1))
 
 
-def _echo(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def train(cfg: TrainConfig, echo: Callable[[str], None] = _echo, model=None) -> dict:
+def train(cfg: TrainConfig, echo: Callable[[str], None] = echo_stderr, model=None) -> dict:
     """Train from scratch and save the HF directory ``cfg.out_dir/hf`` (weights, config, tokenizer).
 
     Writes ``log.jsonl`` (one line per ``log_every`` steps, plus eval lines) and ``train.json`` (config and final

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from ..console import echo_stderr
 from ..errors import KvtoolError
 from ..heads import DEFAULT_SINK, DEFAULT_WINDOW, HeadsMask, check_sink, check_sparsity, check_window, write_atomic
 from ..tasks import Problem, encode_prompt, make_problems, score
@@ -60,7 +61,6 @@ from .common import (
     clipped_objective,
     config_mismatch,
     dist_rank_world,
-    echo_stderr,
     eos_ids,
     group_advantages,
     init_dist,
