@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers_cli_run import REPO, assert_one_line_error, run_cli, snapshot
+from helpers_fake_model import FakeModel
 from helpers_gguf import alignment_kv, header, kv, model_kvs, nested_array_kv
 
 from converters.gguf_budgets import (
@@ -294,30 +295,6 @@ def server_cases() -> list:
     return out
 
 
-class _Fake:
-    name = "fake"
-    last_stats = None
-
-    def stop(self):
-        pass
-
-    def kv_stats(self):
-        return {}
-
-    def generate(self, prompt, stream=False, **kw):
-        from toolchain.runtime.model import GenStats
-
-        self.last_stats = GenStats(prompt_tokens=1, finish_reason="stop")
-
-        def pieces():
-            yield "ok"
-
-        return pieces() if stream else "ok"
-
-    def chat(self, messages, stream=False, **kw):
-        return self.generate("", stream, **kw)
-
-
 def test_server_bodies():
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
@@ -325,7 +302,7 @@ def test_server_bodies():
 
     from toolchain.commands.serve import make_app
 
-    client = TestClient(make_app(_Fake()))
+    client = TestClient(make_app(FakeModel()))
     bad = []
     for cid, over in server_cases():
         for path, base in (("/v1/completions", {"prompt": "hi"}),

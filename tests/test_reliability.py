@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers_cli_run import REPO, assert_one_line_error, digest, run_cli, snapshot
+from helpers_fake_model import FakeModel
 from helpers_gguf import alignment_kv, header, model_kvs, nested_array_kv, write
 
 from converters.gguf_budgets import (
@@ -268,30 +269,6 @@ def test_12_huge_alignment(tmp_path, heads_json):
 
 
 # --- 13: server request fields --------------------------------------------------------------------------------
-class _Fake:
-    name = "fake"
-    last_stats = None
-
-    def stop(self):
-        pass
-
-    def kv_stats(self):
-        return {}
-
-    def generate(self, prompt, stream=False, **kw):
-        from toolchain.runtime.model import GenStats
-
-        self.last_stats = GenStats(prompt_tokens=1, generated_tokens=1, finish_reason="stop")
-
-        def pieces():
-            yield "ok"
-
-        return pieces() if stream else "ok"
-
-    def chat(self, messages, stream=False, **kw):
-        return self.generate("", stream, **kw)
-
-
 @pytest.mark.parametrize("body", [
     {"prompt": "Hello", "stream": True, "stream_options": "yes"},
     {"prompt": "Hello", "stream": True, "stream_options": {"include_usage": "yes"}},
@@ -316,7 +293,7 @@ def test_13_server_rejects_bad_fields_with_400(body):
 
     from toolchain.commands.serve import make_app
 
-    client = TestClient(make_app(_Fake()))
+    client = TestClient(make_app(FakeModel()))
     for path, b in (("/v1/completions", body),
                     ("/v1/chat/completions", {**{k: v for k, v in body.items() if k != "prompt"},
                                               "messages": [{"role": "user", "content": "hi"}]})):
