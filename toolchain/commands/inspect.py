@@ -284,7 +284,10 @@ def plan_cmd(model, mem, sparsity, n_ubatch, gpu_layers, n_parallel, ctx, unifie
         if sparsity is not None or gpu_layers:
             raise KvtoolError("--parallel/--ctx plan KV memory on one device; drop --sparsity and --gpu-layers")
         r = parallel_report(model, parse_size(mem), n_parallel, 16384 if ctx is None else ctx, n_ubatch, unified)
-        click.echo(json.dumps(r, indent=1)) if as_json else _echo_parallel(r)
+        if as_json:
+            click.echo(json.dumps(r, indent=1))
+        else:
+            _echo_parallel(r)
         return
     r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers)
     if as_json:

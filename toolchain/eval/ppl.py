@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import KvtoolError
+from ..kv_variants import NAMES, kv_variant
 from ..runtime.decode import eval_tokens
 from ..runtime.handles import window_bos
 from ..runtime.model import Model
 from ..runtime.offload import parse_gpu_layers, resolve_gpu_layers
-from ..kv_variants import NAMES, kv_variant
 from .run import _budgets, _has_budgets, _progress, check_text, machine_info, resolve_variants
 
 Echo = Callable[[str], None]
@@ -67,7 +67,7 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
         resolve_variants([p], ["mixed"])  # raises the explained error
     do_mixed = _has_budgets(b) if mixed is None else bool(mixed)
     extras = []
-    for name in kv_variants:
+    for name in dict.fromkeys(kv_variants):  # each once, in the order given
         kv = kv_variant(name)
         if kv is None or kv.cache is None:
             raise KvtoolError(f"unknown KV variant {name!r} for --ppl (choose from "
