@@ -1,12 +1,11 @@
 """`kvtool heads export rlkv|duo`: heads.json -> RLKV adapter_weights.tsv / DuoAttention full_attention_heads.tsv.
 
-Oracles: import -> export -> import gives the same mask (on the published anchors in /work/shared/anchors when
-present, and on masks made here); the written table is what the formats' own readers (numpy.loadtxt) see; a 0/1
+Oracles: import -> export -> import gives the same mask (on the published RLKV and DuoAttention
+tables in tests/data, and on masks made here); the written table is what the formats' own readers (numpy.loadtxt) see; a 0/1
 table gives the same mask under any threshold in (0, 1) and under a "compress the k lowest" rule whatever its tie
 order; bad input is one line and leaves no file."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,10 @@ from toolchain.errors import KvtoolError
 from toolchain.heads import HeadsMask, import_scores, random_mask
 from toolchain.heads_export import export_heads, format_tsv
 
-ANCHORS = Path(os.environ.get("KVTOOL_ANCHORS", "/work/shared/anchors"))
-ANCHOR_FILES = [("rlkv", ANCHORS / "rlkv" / "Llama-3.1-8B-R1.adapter_weights.tsv"),
-                ("duo", ANCHORS / "duo_attn" / "Llama-3.1-8B-R1.full_attention_heads.tsv")]
+# the published RLKV and DuoAttention tables for Llama-3.1-8B-R1 (byte-identical copies of the session's anchors)
+DATA = Path(__file__).parent / "data"
+ANCHOR_FILES = [("rlkv", DATA / "rlkv_Llama-3.1-8B-R1.adapter_weights.tsv"),
+                ("duo", DATA / "duo_Llama-3.1-8B-R1.full_attention_heads.tsv")]
 
 
 def _kvtool(*args):
@@ -49,8 +49,6 @@ def _roundtrip(kind: str, mask: HeadsMask, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("kind,path", ANCHOR_FILES)
 @pytest.mark.parametrize("sparsity,per_layer", [(0.5, False), (0.25, False), (0.75, True)])
 def test_anchor_import_export_import(kind, path, sparsity, per_layer, tmp_path):
-    if not path.is_file():
-        pytest.skip(f"anchor {path} not on this machine")
     mask = import_scores(kind, path, sparsity, per_layer)
     assert (mask.n_layer, mask.n_head_kv) == (32, 8)
     out = _roundtrip(kind, mask, tmp_path)
