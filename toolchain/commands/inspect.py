@@ -6,7 +6,6 @@ so the answer to "what do I gain on my laptop?" needs no model load.
 from __future__ import annotations
 
 import json
-import re
 from typing import Optional
 
 import click
@@ -15,18 +14,8 @@ from ..errors import KvtoolError
 from ..gguf_keys import cache_type as check_cache_type
 from ..runtime.memory import KVPlan, ModelDims, dims_from_gguf, predict
 from ..runtime.offload import device_layers, weights_on_device
+from ..validate import parse_size
 from .offload_option import gpu_layers_option
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise KvtoolError(f"cannot read memory size {text!r} (examples: 2GiB, 512MiB, 1.5GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def _mib(b: int) -> str:
     return f"{b / 2**20:.1f} MiB"
