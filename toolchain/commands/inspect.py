@@ -87,7 +87,20 @@ def max_ctx(dims: ModelDims, windows, sink: int, budget: int, n_ubatch: int, cac
     return min(lo, cap)
 
 
-def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float], gpu_layers=None) -> dict:
+def kv_budget_report(dims: ModelDims, b, budget: int, n_ctx, n_ubatch: int) -> dict:
+    """What ``--kv-budget`` would choose on chat/generate/serve/eval (f16, flash attention, the file's mixed flag)."""
+    from ..runtime.kv_budget import choose
+
+    try:
+        c = choose(dims, b, budget, n_ctx, n_ubatch, "f16", True, mixed=bool(b and b.enabled))
+    except KvtoolError as e:
+        return {"n_ctx_requested": n_ctx, "error": str(e)}
+    return {"n_ctx_requested": n_ctx, "n_ctx": c.n_ctx, "sparsity": c.sparsity, "n_compressed": c.n_compressed,
+            "n_heads": c.n_heads, "kv_bytes": c.kv_bytes, "summary": c.summary()}
+
+
+def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float], gpu_layers=None,
+                n_ctx="auto") -> dict:
     """``budget`` is the KV budget, or with ``gpu_layers`` (N >= 1 or "all") the device memory: the weights of the
     offloaded layers come off it first, and the KV of their layers must fit in the rest."""
     dims, b = _load(model)
@@ -119,6 +132,8 @@ def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float
             rows[name]["kv_device_bytes"] = pl.device_bytes(dev) if pl else 0
     return {"model": model, "budget_bytes": budget, "n_ubatch": n_ubatch, "mask": source,
             "n_ctx_train": dims.n_ctx_train, "plans": rows,
+            "kv_budget": kv_budget_report(dims, b, budget, n_ctx, n_ubatch) if dev is None and sparsity is None
+            else None,
             "offload": {"gpu_layers": gpu_layers, "device_layers": dev, "weights_device_bytes": weights}
             if dev is not None else None}
 
@@ -175,11 +190,20 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_la
               "device memory (offloaded weights + their KV).")
 @click.option("--sparsity", type=float, default=None, help="What-if: plan for a mask of this sparsity.")
 @click.option("--ubatch", "n_ubatch", default=512, show_default=True)
+@click.option("--ctx", "n_ctx", default="auto", show_default=True,
+              help="The context --kv-budget is chosen for: N tokens, or auto (the largest that fits).")
 @gpu_layers_option("Plan for N layers (or 'all') on the GPU: --mem is then device memory (default: none, a CPU run).")
 @click.option("--json", "as_json", is_flag=True)
-def plan_cmd(model, mem, sparsity, n_ubatch, gpu_layers, as_json):
-    """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0."""
-    r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers)
+def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, as_json):
+    """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0, and what --kv-budget picks."""
+    if n_ctx != "auto":
+        from ..validate import N_CTX_MAX, check_int
+
+        try:
+            n_ctx = check_int("--ctx", int(n_ctx), 1, N_CTX_MAX)
+        except ValueError:
+            raise KvtoolError(f"--ctx must be an integer or 'auto', got {n_ctx!r}") from None
+    r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers, n_ctx)
     if as_json:
         click.echo(json.dumps(r, indent=1))
         return
@@ -199,3 +223,7 @@ def plan_cmd(model, mem, sparsity, n_ubatch, gpu_layers, as_json):
         click.echo("  the offloaded weights alone do not fit: offload fewer layers (--gpu-layers N)")
     if r["n_ctx_train"]:
         click.echo(f"  (the model was trained with a {r['n_ctx_train']}-token context)")
+    kb = r.get("kv_budget")
+    if kb:
+        click.echo(f"  --kv-budget --n-ctx {kb['n_ctx_requested']}: " +
+                   kb.get("error", kb.get("summary")))

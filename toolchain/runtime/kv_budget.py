@@ -7,8 +7,10 @@ Why here and by the memory formula: the choice must be the same in chat, generat
 Rule. The candidates are the masks the file's scores give at each number k of compressed heads (k = 0 is the
 full cache), each named by the shortest sparsity that the mask rule maps to k; their bytes fall as k grows.
 * a fixed ``n_ctx``: the smallest k (so the smallest sparsity) whose cache fits;
-* ``n_ctx="auto"``: the largest context (a multiple of 256, at most the training context) that fits at the file's
-  own sparsity; only when not even 256 tokens fit there, the smallest higher sparsity where 256 tokens fit.
+* ``n_ctx="auto"``: the goal is the training context T (``n_ctx_train``; 2^17 when the file gives none). At the
+  file's own sparsity if T fits there, else at the smallest higher sparsity where it fits; when T fits nowhere,
+  the largest context (a multiple of 256) that fits at the file's own sparsity. Context is never bought with a
+  sparsity the file was not made for unless it reaches T: below it, the file's quality is kept.
 A file without scores keeps its mask: only the context is chosen. Nothing fitting is one KvtoolError line.
 """
 from __future__ import annotations
@@ -32,11 +34,21 @@ class Choice:
     kv_bytes: int
     budget: int
 
+    def summary(self) -> str:
+        s = "the file's mask" if self.sparsity is None else f"sparsity {self.sparsity:g}"
+        return (f"{s} ({self.n_compressed} of {self.n_heads} KV heads compressed), n_ctx {self.n_ctx}: "
+                f"predicted KV {fmt_bytes(self.kv_bytes)} ({self.kv_bytes} bytes)")
+
     def line(self) -> str:
         """The one line every command prints for the choice."""
-        s = "the file's mask" if self.sparsity is None else f"sparsity {self.sparsity:g}"
-        return (f"kvtool: --kv-budget {fmt_bytes(self.budget)}: {s} ({self.n_compressed} of {self.n_heads} KV heads "
-                f"compressed), n_ctx {self.n_ctx}: predicted KV {fmt_bytes(self.kv_bytes)} ({self.kv_bytes} bytes)")
+        return f"kvtool: --kv-budget {fmt_bytes(self.budget)}: {self.summary()}"
+
+    def llama_args(self) -> list[str]:
+        """The same choice for a llama.cpp app or llama-server: context size and the sparsity override."""
+        args = ["--ctx-size", str(self.n_ctx)]
+        if self.sparsity is not None:
+            args += ["--override-kv", f"kvtool.kv.sparsity=float:{self.sparsity!r}"]
+        return args
 
 
 def sparsity_for(k: int, n: int) -> float:
@@ -105,20 +117,19 @@ def choose(dims: ModelDims, budgets, budget: int, n_ctx: Union[int, str], n_ubat
     sink = budgets.sink if budgets is not None else 0
     cands = _masks(budgets if mixed else None, n)
     if n_ctx == "auto":
-        cap = min(dims.n_ctx_train or N_CTX_AUTO_CAP, N_CTX_MAX)
+        target = min(dims.n_ctx_train or N_CTX_AUTO_CAP, N_CTX_MAX) // 256 * 256 or 256
         own = (None, _k(budgets.head_window), budgets.head_window) if mixed and budgets and budgets.head_window \
             else (None, 0, None)
-        s, k, wins = own
-        file_k = k
-        c = _max_ctx(dims, wins, sink, budget, n_ubatch, cache_type, flash_attn, cap)
+        for s, k, wins in [own] + [c for c in cands if c[1] > own[1]]:
+            b = _bytes(dims, wins, sink, target, n_ubatch, cache_type, flash_attn)
+            if b <= budget:
+                return Choice(target, s, k, n, b, budget)
+        _, k, wins = own
+        c = _max_ctx(dims, wins, sink, budget, n_ubatch, cache_type, flash_attn, target)
         if c:
             return Choice(c, None, k, n, _bytes(dims, wins, sink, c, n_ubatch, cache_type, flash_attn), budget)
-        for s, k, wins in cands:
-            if k > file_k and _bytes(dims, wins, sink, 256, n_ubatch, cache_type, flash_attn) <= budget:
-                return Choice(256, s, k, n, _bytes(dims, wins, sink, 256, n_ubatch, cache_type, flash_attn), budget)
-        least = min(_bytes(dims, w, sink, 256, n_ubatch, cache_type, flash_attn) for _, _, w in cands)
-        raise KvtoolError(f"--kv-budget {fmt_bytes(budget)}: not even a 256-token context fits (the smallest cache this "
-                          f"file allows takes {fmt_bytes(least)} at 256 tokens)")
+        raise KvtoolError(f"--kv-budget {fmt_bytes(budget)}: not even a 256-token context fits (it takes "
+                          f"{fmt_bytes(_bytes(dims, wins, sink, 256, n_ubatch, cache_type, flash_attn))})")
     for s, k, wins in cands:
         b = _bytes(dims, wins, sink, n_ctx, n_ubatch, cache_type, flash_attn)
         if b <= budget:

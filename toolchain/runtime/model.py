@@ -204,7 +204,7 @@ class Model:
             from .kv_budget import choose
 
             if sparsity is not None:
-                raise KvtoolError("give kv_budget (--kv-budget) or sparsity (--sparsity), not both")
+                raise KvtoolError("give kv_budget or sparsity, not both")
             if n_ctx != "auto":
                 n_ctx = check_int("n_ctx", n_ctx, 1, N_CTX_MAX)
             nub = check_int("n_ubatch", n_ubatch, 1, I32_MAX)
