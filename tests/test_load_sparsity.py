@@ -142,3 +142,23 @@ def test_runtime_refuses_bad_overrides_naming_the_key(wide_gguf, tmp_path, which
     assert err, res.stderr[-2000:]
     for n in needles:
         assert n in err[0], (n, err[0])
+
+
+@pytest.mark.slow  # six SmolLM2 loads: 130 s on the shared 2-core machine
+def test_smollm2_one_file_serves_every_sparsity(smollm2, tmp_path):
+    """The issue's target on the demo model: one file at s = 0.25, 0.5, 0.75 through the override is bit-identical
+    to the file converted at each (Q4_1 weights, f16 cache, flash attention as kvtool runs it)."""
+    from toolchain.heads import random_mask
+
+    mask = random_mask(30, 3, 0.5, seed=0)
+    one = apply_mask(smollm2, tmp_path / "one.gguf", mask)
+    toks = np.random.default_rng(3).integers(100, 20000, size=96).tolist()
+    for s in (0.25, 0.5, 0.75):
+        conv = apply_mask(smollm2, tmp_path / f"s{s}.gguf", mask.with_sparsity(s))
+        kw = dict(n_ctx=256, n_ubatch=32, f32_kv=False, flash_attn=True)
+        ref_llm = load(conv, **kw)
+        ov_llm = load(one, kv_overrides={K_KV_SPARSITY: s}, **kw)
+        assert budgets_of(ov_llm) == budgets_of(ref_llm)
+        assert np.array_equal(runtime_logits(ov_llm, toks), runtime_logits(ref_llm, toks)), s
+        ref_llm.close()
+        ov_llm.close()
