@@ -162,3 +162,27 @@ def test_smollm2_one_file_serves_every_sparsity(smollm2, tmp_path):
         assert np.array_equal(runtime_logits(ov_llm, toks), runtime_logits(ref_llm, toks)), s
         ref_llm.close()
         ov_llm.close()
+
+
+def test_model_load_kv_budget_allocates_what_it_predicts(wide_gguf, tmp_path, capfd):
+    from helpers_cli import kvtool
+
+    from toolchain.runtime.model import Model
+
+    mask = HeadsMask.from_scores(tied_scores(5, 4, seed=3), 0.5, "manual", sink=4, window=16)
+    one = apply_mask(wide_gguf, tmp_path / "one.gguf", mask)
+    # 5 x 4 heads x 64 B per token (f16, head dim 16): a full cache at 1024 tokens is 1.25 MiB
+    with Model.load(one, n_ctx=1024, n_threads=2, kv_budget="1MiB") as m:
+        line = capfd.readouterr().err.strip().splitlines()[-1]
+        kv = m.kv_stats()
+        assert kv["allocated_bytes"] <= 1 << 20 and kv["allocated_bytes"] == kv["predicted_bytes"]
+        assert line.startswith("kvtool: --kv-budget 1.0 MiB: sparsity ") and f"({kv['allocated_bytes']} bytes)" in line
+        s = float(line.split("sparsity ")[1].split()[0])
+        assert [w for row in m.budgets.head_window for w in row] == budgets_of(m.llama)[0] \
+            == mask.with_sparsity(s).head_window()
+    with Model.load(one, n_ctx=1024, n_threads=2, kv_budget=2 << 20) as m:  # room for a full cache
+        assert m.kv_stats()["mixed"] is False
+    res = kvtool("generate", str(one), "-p", "the word", "-n", "4", "--threads", "2", "--kv-budget", "1MiB",
+                 "--n-ctx", "1024")
+    assert res.returncode == 0, res.stderr
+    assert line in res.stderr.splitlines()
