@@ -96,6 +96,12 @@ def test_plan_shows_the_same_choice(scored):
         assert f"--kv-budget --n-ctx {ctx}: {want.summary()}" in text
 
 
+def test_inspect_says_the_scores_are_there(scored, tmp_path):
+    res = CliRunner().invoke(cli, ["inspect", str(scored), "--ctx", "1024"])
+    assert res.exit_code == 0 and "head scores stored: any sparsity at load time" in res.output
+    assert json.loads(CliRunner().invoke(cli, ["inspect", str(scored), "--json"]).output)["scores"] is True
+
+
 def test_llama_args_map_onto_the_override(scored):
     dims, b = dims_from_gguf(scored), gb.read_budgets(scored)
     c = choose(dims, b, int(kv(dims, b, 0.0, 4096) * 0.7), 4096, 64)

@@ -54,6 +54,7 @@ def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type
         "head_dim_k": dims.head_dim_k, "head_dim_v": dims.head_dim_v,
         "budget_source": ("kvtool keys in the GGUF" + ("" if b.enabled else " (disabled)")) if b else "none (stock cache)",
         "method": b.method if b else None, "sparsity": b.sparsity if b else None,
+        "scores": bool(b and b.scores is not None),
         "sink": b.sink if b else None, "windows": sorted({w for row in windows for w in row if w > 0}) if windows else [],
         "beacon": {"token_id": b.beacon_token_id, "interval": b.beacon_interval} if b and b.beacon_token_id is not None else None,
         "per_layer": per_layer,
@@ -160,6 +161,8 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_la
     click.echo(f"budgets     {r['budget_source']}" + (f", method {r['method']}, sparsity {r['sparsity']}" if r["method"] else ""))
     if r["windows"]:
         click.echo(f"            sink {r['sink']}, windows {r['windows']}")
+    if r["scores"]:
+        click.echo("            head scores stored: any sparsity at load time (--kv-budget, kvtool.kv.sparsity)")
         click.echo("layers      " + " ".join(f"{p['full']}F{p['compressed']}c" for p in r["per_layer"]))
     if r["beacon"]:
         click.echo(f"beacon      token {r['beacon']['token_id']}, every {r['beacon']['interval']} tokens")
