@@ -10,7 +10,7 @@ from test_convert import fields, make_gguf
 
 from converters import gguf_budgets as gb
 from toolchain.errors import KvtoolError
-from toolchain.gguf_keys import K_HEADS_WINDOW, K_KV_SPARSITY, K_KV_WINDOW, K_PER_LAYER, K_SCORES, K_SINK
+from toolchain.gguf_keys import K_HEADS_WINDOW, K_KV_SPARSITY, K_KV_WINDOW, K_PER_LAYER, K_SCORES
 from toolchain.heads import HeadsMask, mask_from_scores, random_mask
 from toolchain.runtime.budget_overrides import apply_overrides, check_overrides
 

@@ -17,6 +17,7 @@ from ..runtime.offload import device_layers, weights_on_device
 from ..validate import parse_size
 from .offload_option import gpu_layers_option
 
+
 def _mib(b: int) -> str:
     return f"{b / 2**20:.1f} MiB"
 
