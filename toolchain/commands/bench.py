@@ -1,7 +1,9 @@
-"""`kvtool bench`: the same GGUF with mixed KV off vs on (and on + q8_0 cache), in one process.
+"""`kvtool bench`: the same GGUF with mixed KV off vs on, each with an f16, q8_0 or q4_0 cache, in one process.
 
 Why this design: the only fair comparison is the same file, same build, same threads, alternating variants in one
-process; the variants differ only by the `kvtool.kv.enabled` override and the cache type. Reported figures are
+process; the variants (``toolchain.kv_variants``: stock, stock+q8_0, stock+q4_0, mixed, mixed+q8_0, mixed+q4_0)
+differ only by the `kvtool.kv.enabled` override and the cache type (flash attention is on for all of them, which a
+quantized V cache needs). Reported figures are
 medians of repeated runs; speed claims are ratios measured in the same run.
 
 Per context size C, all variants loaded side by side and measured round robin:
@@ -22,13 +24,10 @@ import numpy as np
 
 from ..errors import KvtoolError
 from ..gguf_keys import CACHE_TYPES, K_ENABLED
+from ..kv_variants import NAMES, kv_variant
 from ..runtime.handles import clear_kv, ctx_ptr, cut_kv
 
-VARIANTS = {
-    "stock": dict(mixed=False, cache="f16"),
-    "mixed": dict(mixed=True, cache="f16"),
-    "mixed+q8_0": dict(mixed=True, cache="q8_0"),
-}
+VARIANTS = {n: dict(mixed=kv_variant(n).mixed, cache=kv_variant(n).cache or "f16") for n in NAMES}
 
 
 @dataclass

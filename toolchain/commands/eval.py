@@ -10,9 +10,11 @@ import click
 
 from ..console import echo_stderr
 from ..errors import KvtoolError
+from ..kv_variants import NAMES
 from .offload_option import gpu_layers_option
 
 _echo = echo_stderr
+QUANT_VARIANTS = tuple(n for n in NAMES if "+" in n)  # stock+q8_0, stock+q4_0, mixed+q8_0, mixed+q4_0
 
 
 @click.command("eval")
@@ -24,7 +26,9 @@ _echo = echo_stderr
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Generation cap per problem.")
 @click.option("--variants", default=None,
               help="Comma-separated: full (kvtool.kv.enabled=false, no beacons), mixed (=true), beacons (beacon loop, "
-                   "every head full), mixed+beacons, auto (as the file says; default).")
+                   "every head full), mixed+beacons, auto (as the file says; default); stock+q8_0, stock+q4_0, "
+                   "mixed+q8_0, mixed+q4_0 (that cache type for K and V, flash attention on; with --ppl each is "
+                   "compared with the full load at --cache-type).")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
               help="Results JSON; per-problem records go to the .jsonl next to it (reruns resume from them).")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
@@ -61,17 +65,21 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
         if plot is not None:
             raise KvtoolError("--plot applies to task evaluation, not --ppl")
         mixed = None
+        quant = [v for v in (vlist or []) if "+" in v]
         if vlist:
-            bad = [v for v in vlist if v not in ("full", "mixed", "auto")]
+            base = [v for v in vlist if "+" not in v]
+            bad = [v for v in base if v not in ("full", "mixed", "auto")]
+            bad += [v for v in quant if v not in QUANT_VARIANTS]
             if bad:
-                raise KvtoolError(f"unknown variant {bad[0]!r} (choose from full, mixed, auto)")
-            mixed = True if "mixed" in vlist else (False if vlist == ["full"] else None)
+                raise KvtoolError(f"unknown variant {bad[0]!r} (choose from full, mixed, auto, "
+                                  f"{', '.join(QUANT_VARIANTS)})")
+            mixed = True if "mixed" in base else (False if base in (["full"], []) else None)
         out_p = check_writable(out, "output")
         results = []
         for m in models:
             results.append(ev.run_ppl(m, ppl, n_ctx=n_ctx or 512, max_tokens=ppl_tokens, n_ubatch=n_ubatch,
                                       cache_type=cache_type or "f32", threads=threads, mixed=mixed,
-                                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers))
+                                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers, kv_variants=quant))
         if out_p is not None:
             from ..heads import write_atomic
 

@@ -26,7 +26,8 @@ def _emit(mask: HeadsMask, out: Optional[str], inputs: tuple = ()) -> None:
 
 @click.group("heads")
 def heads() -> None:
-    """Head masks (heads.json): import published scores, make random baselines, show."""
+    """Head masks (heads.json): import published scores, export them for RLKV or DuoAttention, make random
+    baselines, show."""
 
 
 @heads.command("import")
@@ -83,3 +84,20 @@ def show_cmd(file, plot):
     click.echo(format_map(mask))
     if plot is not None:
         click.echo(f"wrote {plot}", err=True)
+
+
+@heads.command("export")
+@click.argument("kind", type=click.Choice(["rlkv", "duo"]))
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="Table to write (RLKV: adapter_weights.tsv, DuoAttention: full_attention_heads.tsv).")
+@click.option("--scores", is_flag=True, help="Write the stored scores (clipped to [0, 1]) instead of the 0/1 mask.")
+def export_cmd(kind, file, output, scores):
+    """Write a heads.json as RLKV's adapter_weights.tsv or DuoAttention's full_attention_heads.tsv."""
+    from ..heads_export import export_heads
+
+    mask = HeadsMask.load(file)
+    export_heads(kind, file, output, scores)
+    what = "scores" if scores else "mask (1 = full, 0 = compressed)"
+    click.echo(f"wrote {output}: {mask.n_layer}x{mask.n_head_kv} {kind} table, {what}; "
+               f"{mask.n_compressed()} of {mask.n_layer * mask.n_head_kv} heads compressed", err=True)

@@ -12,6 +12,7 @@ import click
 
 from ..errors import KvtoolError
 from ..gguf_keys import cache_type as check_cache_type
+from ..kv_variants import check_flash_attn
 from ..runtime.memory import KVPlan, ModelDims, dims_from_gguf, predict
 from ..runtime.offload import device_layers, weights_on_device
 from ..validate import parse_size
@@ -44,6 +45,7 @@ def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type
                    gpu_layers=None, mem: Optional[int] = None) -> dict:
     """``gpu_layers`` (N or "all") adds the device split; ``mem`` is then device memory, else the KV budget."""
     check_cache_type(cache_type)
+    check_flash_attn(cache_type, flash_attn)  # llama.cpp would refuse that context: say so instead of predicting it
     dims, b = _load(model)
     windows = b.head_window if b else None
     plan = predict(dims, windows, b.sink if b else 0, n_ctx, n_ubatch, n_seq, cache_type, cache_type, flash_attn,
@@ -140,6 +142,89 @@ def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float
             if dev is not None else None}
 
 
+PARALLEL_VARIANTS = ("stock", "stock+q8_0", "stock+q4_0", "mixed", "mixed+q8_0", "mixed+q4_0")
+LLAMA_MAX_SEQ = 256  # llama.cpp's cap on n_seq_max (src/llama-cparams.h)
+
+
+def seq_plan(dims: ModelDims, windows, sink: int, n_seq: int, ctx: int, n_ubatch: int, cache_type: str, mixed: bool,
+             unified: bool = False) -> KVPlan:
+    """The cache of ``n_seq`` parallel sequences of ``ctx`` tokens each, as llama-server -np N -c N*ctx makes it:
+    one stream per sequence (unless ``unified``), so n_ctx = n_seq * ctx and each stream holds ctx cells."""
+    return predict(dims, windows, sink, n_seq * ctx, n_ubatch, n_seq, cache_type, cache_type, True, unified,
+                   mixed=mixed)
+
+
+def max_seqs(dims: ModelDims, windows, sink: int, budget: int, ctx: int, n_ubatch: int, cache_type: str,
+             mixed: bool, unified: bool = False, limit: int = LLAMA_MAX_SEQ) -> int:
+    """Most parallel ``ctx``-token sequences whose KV cache fits in ``budget`` bytes (0 if not even one), at most
+    ``limit`` (llama.cpp's n_seq_max cap)."""
+    def fits(n: int) -> bool:
+        return seq_plan(dims, windows, sink, n, ctx, n_ubatch, cache_type, mixed, unified).mixed_bytes <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # bytes grow with the sequence count
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def parallel_report(model: str, budget: int, n_parallel: Optional[int], ctx: int, n_ubatch: int,
+                    unified: bool = False) -> dict:
+    """How many ``ctx``-token sequences fit in ``budget`` bytes of KV, per variant (stock vs mixed, f16/q8_0/q4_0),
+    and what ``n_parallel`` of them would allocate."""
+    from ..kv_variants import kv_variant
+    from ..validate import N_CTX_MAX, check_int
+
+    ctx = check_int("--ctx", ctx, 1, N_CTX_MAX)
+    if n_parallel is not None:
+        n_parallel = check_int("--parallel", n_parallel, 1, LLAMA_MAX_SEQ)
+    dims, b = _load(model)
+    windows, sink = (b.head_window, b.sink) if b else (None, 0)
+    rows = {}
+    for name in PARALLEL_VARIANTS:
+        kv = kv_variant(name)
+        if kv.mixed and not windows:
+            continue
+        cache = kv.cache or "f16"
+        n = max_seqs(dims, windows if kv.mixed else None, sink, budget, ctx, n_ubatch, cache, kv.mixed, unified)
+        one = seq_plan(dims, windows if kv.mixed else None, sink, 1, ctx, n_ubatch, cache, kv.mixed, unified)
+        row = {"cache_type": cache, "max_seqs": n, "kv_bytes_per_seq": one.mixed_bytes,
+               "kv_bytes": seq_plan(dims, windows if kv.mixed else None, sink, n, ctx, n_ubatch, cache, kv.mixed,
+                                    unified).mixed_bytes if n else 0}
+        if n_parallel is not None:
+            pl = seq_plan(dims, windows if kv.mixed else None, sink, n_parallel, ctx, n_ubatch, cache, kv.mixed,
+                          unified)
+            row.update(parallel_kv_bytes=pl.mixed_bytes, fits=pl.mixed_bytes <= budget)
+        rows[name] = row
+    return {"model": model, "budget_bytes": budget, "ctx": ctx, "n_parallel": n_parallel, "n_ubatch": n_ubatch,
+            "unified": unified, "n_ctx_train": dims.n_ctx_train, "max_seq_cap": LLAMA_MAX_SEQ,
+            "mask": "file" if windows else "none", "variants": rows}
+
+
+def _echo_parallel(r: dict) -> None:
+    n = r["n_parallel"]
+    click.echo(f"KV budget {_mib(r['budget_bytes'])}, {r['ctx']}-token sequences, ubatch {r['n_ubatch']}, "
+               f"{'one unified cache' if r['unified'] else 'one stream per sequence'}, flash attention on"
+               + (f"; asked: --parallel {n}" if n else ""))
+    base = r["variants"]["stock"]["max_seqs"]
+    for name, v in r["variants"].items():
+        gain = f" ({v['max_seqs'] / base:.2f}x stock)" if base and name != "stock" else ""
+        cap = "+ (llama.cpp's cap)" if v["max_seqs"] == r["max_seq_cap"] else ""
+        line = (f"  {name:11s} {v['max_seqs']:>6d}{cap} sequences fit{gain:17s} {_mib(v['kv_bytes_per_seq'])} per "
+                f"sequence")
+        if n:
+            line += (f"; {n} need {_mib(v['parallel_kv_bytes'])}: "
+                     f"{'fits' if v['fits'] else 'does NOT fit'}")
+        click.echo(line)
+    if r["n_ctx_train"] and r["ctx"] > r["n_ctx_train"]:
+        click.echo(f"  (the model was trained with a {r['n_ctx_train']}-token context)")
+
+
 @click.command("inspect")
 @click.argument("model", type=click.Path())
 @click.option("--ctx", "n_ctx", default=4096, show_default=True)
@@ -197,9 +282,14 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_la
 @click.option("--ctx", "n_ctx", default="auto", show_default=True,
               help="The context --kv-budget is chosen for: N tokens, or auto (the largest that fits).")
 @gpu_layers_option("Plan for N layers (or 'all') on the GPU: --mem is then device memory (default: none, a CPU run).")
+@click.option("--parallel", "n_parallel", type=int, default=None,
+              help="Concurrency: how many --ctx-token sequences fit (stock vs mixed, f16/q8_0/q4_0), and do N? "
+                   "--ctx is then tokens per sequence (auto: 16384).")
+@click.option("--unified", is_flag=True, help="With --parallel: one cache shared by all sequences (--kv-unified).")
 @click.option("--json", "as_json", is_flag=True)
-def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, as_json):
-    """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0, and what --kv-budget picks."""
+def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, n_parallel, unified, as_json):
+    """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0, and what --kv-budget picks.
+    With --parallel N: how many sequences of --ctx tokens fit."""
     if n_ctx != "auto":
         from ..validate import N_CTX_MAX, check_int
 
@@ -207,6 +297,16 @@ def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, as_json):
             n_ctx = check_int("--ctx", int(n_ctx), 1, N_CTX_MAX)
         except ValueError:
             raise KvtoolError(f"--ctx must be an integer or 'auto', got {n_ctx!r}") from None
+    if n_parallel is not None or unified:
+        if sparsity is not None or gpu_layers:
+            raise KvtoolError("--parallel plans KV memory on one device; drop --sparsity and --gpu-layers")
+        r = parallel_report(model, parse_size(mem), n_parallel, 16384 if n_ctx == "auto" else n_ctx, n_ubatch,
+                            unified)
+        if as_json:
+            click.echo(json.dumps(r, indent=1))
+        else:
+            _echo_parallel(r)
+        return
     r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers, n_ctx)
     if as_json:
         click.echo(json.dumps(r, indent=1))

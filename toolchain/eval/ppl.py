@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import KvtoolError
+from ..kv_variants import NAMES, kv_variant
 from ..runtime.decode import eval_tokens
 from ..runtime.handles import window_bos
 from ..runtime.model import Model
@@ -47,10 +48,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: int = 512,
             max_tokens: Optional[int] = None, n_ubatch: int = 512, cache_type: str = "f32",
             threads: Optional[int] = None, mixed: Optional[bool] = None, progress: bool = True,
-            echo: Echo = lambda m: None, gpu_layers=None) -> dict:
+            echo: Echo = lambda m: None, gpu_layers=None, kv_variants: Sequence[str] = ()) -> dict:
     """Perplexity of the full load and, when the file has budgets (or ``mixed=True``), of the mixed load, with the
     mean KL(full || mixed) per scored token. ``mixed=False`` computes the full perplexity only.
-    ``gpu_layers``: N, "all" or None (the runtime's default), resolved once after the input checks."""
+    ``kv_variants`` (``stock+q8_0``, ``mixed+q4_0``, ...; ``toolchain.kv_variants``) are further loads with their
+    own cache type; each gets its perplexity and KL against the same full load at ``cache_type`` (the reference),
+    under ``result["variants"]``. ``gpu_layers``: N, "all" or None (the runtime's default), resolved once after the
+    input checks."""
     p = Path(model_path).expanduser()
     tp = Path(text_path).expanduser() if str(text_path) != "verne" else default_ppl_text()
     if not tp.is_file():
@@ -62,6 +66,15 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
     if mixed and not _has_budgets(b):
         resolve_variants([p], ["mixed"])  # raises the explained error
     do_mixed = _has_budgets(b) if mixed is None else bool(mixed)
+    extras = []
+    for name in dict.fromkeys(kv_variants):  # each once, in the order given
+        kv = kv_variant(name)
+        if kv is None or kv.cache is None:
+            raise KvtoolError(f"unknown KV variant {name!r} for --ppl (choose from "
+                              f"{', '.join(n for n in NAMES if '+' in n)})")
+        if kv.mixed and not _has_budgets(b):
+            resolve_variants([p], ["mixed"])  # raises the explained error
+        extras.append(kv)
     parse_gpu_layers(gpu_layers)
     raw = tp.read_bytes()
     text = raw.decode("utf-8", errors="replace")
@@ -69,10 +82,14 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
     full = Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
                       mixed=False if _has_budgets(b) else None, n_gpu_layers=gpu_layers)
     mix = None
+    others: list = []  # (KVVariant, Model) of kv_variants
     try:
         if do_mixed:
             mix = Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type, mixed=True,
                              n_gpu_layers=gpu_layers)
+        for kv in extras:
+            others.append((kv, Model.load(p, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=kv.cache,
+                                          mixed=kv.mixed if _has_budgets(b) else None, n_gpu_layers=gpu_layers)))
         check_text(full, text)
         toks = full.tokenize(text, add_bos=False)
         if max_tokens:
@@ -86,6 +103,7 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
         nll_f = nll_m = kl_sum = 0.0
         kl_max = 0.0
         agree = count = 0
+        acc = {kv.name: {"nll": 0.0, "kl": 0.0, "kl_max": 0.0, "agree": 0} for kv, _ in others}
         bar = _progress(n_chunks, f"ppl {p.name}", progress)
         t0 = time.perf_counter()
         for c in range(n_chunks):
@@ -104,6 +122,15 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
                 kl_sum += float(kl.sum())
                 kl_max = max(kl_max, float(kl.max()))
                 agree += int((lf.argmax(-1) == lm.argmax(-1)).sum())
+            for kv, om in others:
+                om.reset()
+                lo = _log_softmax(eval_tokens(om.llama, w, logits_all=True)[first:-1])
+                a = acc[kv.name]
+                a["nll"] -= float(lo[np.arange(len(tgt)), tgt].sum())
+                kl = (np.exp(lf) * (lf - lo)).sum(-1)
+                a["kl"] += float(kl.sum())
+                a["kl_max"] = max(a["kl_max"], float(kl.max()))
+                a["agree"] += int((lf.argmax(-1) == lo.argmax(-1)).sum())
             count += len(tgt)
             if bar is not None:
                 bar.update(1)
@@ -124,11 +151,27 @@ def run_ppl(model_path: str | os.PathLike, text_path: str | os.PathLike, n_ctx: 
             if b is not None and b.head_window is not None:
                 flat = [x for r in b.head_window for x in r]
                 res.update({"compressed_heads": sum(1 for x in flat if x > 0), "kv_heads": len(flat), "sink": b.sink})
+        if others:
+            fs = full.kv_stats()
+            rows = [{"variant": "full", "cache_type": cache_type, "ppl": res["ppl_full"], "kl_mean": 0.0,
+                     "kl_max": 0.0, "top1_agreement": 1.0, "allocated_kv_bytes": fs["allocated_bytes"]}]
+            if mix is not None:
+                rows.append({"variant": "mixed", "cache_type": cache_type, "ppl": res["ppl_mixed"],
+                             "kl_mean": res["kl_full_mixed_mean"], "kl_max": kl_max,
+                             "top1_agreement": res["top1_agreement"], "allocated_kv_bytes": st["allocated_bytes"]})
+            for kv, om in others:
+                a = acc[kv.name]
+                rows.append({"variant": kv.name, "cache_type": kv.cache, "ppl": math.exp(a["nll"] / count),
+                             "kl_mean": a["kl"] / count, "kl_max": a["kl_max"], "top1_agreement": a["agree"] / count,
+                             "allocated_kv_bytes": om.kv_stats()["allocated_bytes"]})
+            res["variants"] = rows
         return res
     finally:
         full.close()
         if mix is not None:
             mix.close()
+        for _, om in others:
+            om.close()
 
 
 def ppl_markdown(results: Sequence[dict]) -> str:
@@ -143,4 +186,12 @@ def ppl_markdown(results: Sequence[dict]) -> str:
             f"{r['kl_full_mixed_mean']:.3e}" if m is not None else "-",
             f"{r['kl_full_mixed_max']:.3e}" if m is not None else "-",
             f"{r['top1_agreement']:.4f}" if m is not None else "-"]) + " |")
+    vrows = [(r, v) for r in results for v in r.get("variants", ())]
+    if vrows:
+        head = ["model", "variant", "cache", "KV MiB", "ppl", "KL(ref‖variant) mean", "KL max", "top-1 agree"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r, v in vrows:
+            lines.append("| " + " | ".join([
+                Path(r["model"]).name, v["variant"], v["cache_type"], f"{v['allocated_kv_bytes'] / 2**20:.2f}",
+                f"{v['ppl']:.4f}", f"{v['kl_mean']:.3e}", f"{v['kl_max']:.3e}", f"{v['top1_agreement']:.4f}"]) + " |")
     return "\n".join(lines)

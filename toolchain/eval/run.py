@@ -48,6 +48,7 @@ from converters.gguf_budgets import open_gguf, read_budgets
 from .. import __version__
 from ..errors import KvtoolError
 from ..heads import write_atomic
+from ..kv_variants import kv_variant
 from ..runtime.decode import greedy, greedy_beacons
 from ..runtime.kv_usage import bytes_per_cell, live_bytes, mixed_active, retained_bytes
 from ..runtime.library import runtime_info
@@ -58,7 +59,9 @@ from .records import check_writable, jsonl_path, qhash, read_records, run_key
 from .report import plot_pareto
 from .stats import is_repetitive, wilson
 
-VARIANTS = ("auto", "full", "mixed", "beacons", "mixed+beacons")
+# plus the KV-quantization variants of toolchain.kv_variants: stock+q8_0, stock+q4_0, mixed+q8_0, mixed+q4_0
+VARIANTS = ("auto", "full", "mixed", "beacons", "mixed+beacons", "stock+q8_0", "stock+q4_0", "mixed+q8_0",
+            "mixed+q4_0")
 
 Echo = Callable[[str], None]
 
@@ -70,6 +73,10 @@ class Variant:
     name: str                 # "full" | "mixed" | "beacons" | "mixed+beacons" (auto resolved to what the file does)
     mixed: Optional[bool]     # Model.load(mixed=...)
     beacons: bool = False     # generate through the beacon loop
+    cache: Optional[str] = None  # KV cache type of this variant (stock+q8_0 ...); None: the run's --cache-type
+
+    def cache_type(self, default: str) -> str:
+        return self.cache or default
 
     @property
     def label(self) -> str:
@@ -117,6 +124,9 @@ def resolve_variants(models: Sequence[str | os.PathLike], variants: Optional[Seq
                 mixed, beacons = mixed_active(b), _has_beacons(b)
                 name = "mixed+beacons" if mixed and beacons else "mixed" if mixed else "beacons" if beacons else "full"
                 out.append(Variant(p, name, None, beacons))
+            elif v.endswith(("+q8_0", "+q4_0")):
+                kv = kv_variant(v)
+                out.append(Variant(p, v, kv.mixed, False, kv.cache))
             else:
                 out.append(Variant(p, v, "mixed" in v, "beacons" in v))
     seen, uniq = set(), []
@@ -249,22 +259,23 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
         for v in vs:
             ctx_len = n_ctx
             model = None
+            vcache = v.cache_type(cache_type)
             try:
                 if ctx_len is None:
                     # prompt lengths need the model's tokenizer: load once to measure them
                     model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons,
+                                       cache_type=vcache, mixed=v.mixed, beacons=v.beacons,
                                        n_gpu_layers=gpu_layers)
                     longest = max(len(_prompt_tokens(model, p)[0]) for p in problems)
                     ctx_len = longest + max_tokens + 1
                     model.close()
                     model = None
-                key = run_key(v, task, seed, max_tokens, ctx_len, n_ubatch, cache_type, kv_budget)
+                key = run_key(v, task, seed, max_tokens, ctx_len, n_ubatch, vcache, kv_budget)
                 recs: list[Optional[dict]] = [done.get((key, p.index, qhash(p))) for p in problems]
                 todo = [i for i, r in enumerate(recs) if r is None]
                 if todo:
                     model = Model.load(v.path, n_ctx=ctx_len, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=cache_type, mixed=v.mixed, beacons=v.beacons,
+                                       cache_type=vcache, mixed=v.mixed, beacons=v.beacons,
                                        n_gpu_layers=gpu_layers, kv_budget=kv_budget)
                     stats = model.kv_stats()
                     bpc = bytes_per_cell(model)
@@ -288,7 +299,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                             n_seen = g["beacon_stats"]["peak_live_cells"] if v.beacons else g["prompt_tokens"] + len(g["ids"])
                             retained = retained_bytes(model, n_seen, full_c, bool(stats["mixed"]))
                             rec = {"key": key, "index": p.index, "qhash": qhash(p), "model": str(v.path),
-                                   "variant": v.name, "reward": reward, "gen_tokens": len(g["ids"]),
+                                   "variant": v.name, "cache_type": vcache, "reward": reward, "gen_tokens": len(g["ids"]),
                                    "prompt_tokens": g["prompt_tokens"], "finish": g["finish"],
                                    "repetitive": is_repetitive(g["ids"]), "live_kv_bytes": live,
                                    "live_full_cells": full_c, "live_ring_cells": ring_c, "retained_kv_bytes": retained,
@@ -367,7 +378,8 @@ def summarize(v: Variant, recs: Sequence[dict]) -> dict:
     except KvtoolError:
         pass
     row: dict[str, Any] = {
-        "model": v.path.name, "path": str(v.path), "variant": v.name, "label": v.label, "n": n, "correct": k,
+        "model": v.path.name, "path": str(v.path), "variant": v.name, "label": v.label,
+        "cache_type": recs[-1].get("cache_type", v.cache) if recs else v.cache, "n": n, "correct": k,
         "accuracy": k / n if n else None, "ci95": [lo, hi],
         "mean_gen_tokens": float(np.mean(gen)) if gen else None,
         "capped_frac": capped / n if n else None, "repeat_frac": rep / n if n else None,

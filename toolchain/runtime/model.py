@@ -186,6 +186,7 @@ class Model:
 
         from ..gguf_keys import K_ENABLED
         from ..gguf_keys import cache_type as check_cache_type
+        from ..kv_variants import check_flash_attn
         from ..validate import I32_MAX, N_CTX_MAX, U32_MAX, cap_threads, check_int
         from .library import require_patched
         from .memory import dims_from_gguf
@@ -242,9 +243,10 @@ class Model:
         has_beacons = budgets is not None and budgets.beacon_token_id is not None
         if beacons and not has_beacons:
             raise KvtoolError(f"{p}: beacons=True but the file has no kvtool.beacon keys")
-        fa = has_budgets if flash_attn is None else bool(flash_attn)
-        if cache_type not in ("f16", "f32", "bf16") and not fa:
-            raise KvtoolError(f"a quantized KV cache ({cache_type}) needs flash attention; drop flash_attn=False")
+        quantized = cache_type not in ("f16", "f32", "bf16")
+        # default ON with budgets (mixed V savings need it) and for a quantized cache (llama.cpp needs it for V)
+        fa = (has_budgets or quantized) if flash_attn is None else bool(flash_attn)
+        check_flash_attn(cache_type, fa)
         _check_memory(dims, budgets if has_budgets and mixed is not False else None, n_ctx, n_ubatch, cache_type, fa)
         require_patched()
         gpu_layers = resolve_gpu_layers(n_gpu_layers, what="n_gpu_layers")
