@@ -1,0 +1,26 @@
+"""The patched llama.cpp tools for tests: their paths, a tiny mixed model for the server, and log parsing.
+
+A missing tool set fails loudly (``make test`` builds it through ``make tools``), as a stock runtime does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def tool_paths() -> dict:
+    from toolchain.errors import KvtoolError
+    from toolchain.runtime.tools import tool_paths as paths
+
+    try:
+        return paths()
+    except KvtoolError as e:
+        pytest.fail(str(e))
+
+
+def tiny_mixed(tiny_gguf: Path, dst: Path) -> Path:
+    """The session's tiny F32 llama (3 layers x 2 KV heads) with one full and one windowed head per layer."""
+    from helpers_runtime import write_windows
+
+    return write_windows(tiny_gguf, dst, [[0, 32]] * 3, 4)
