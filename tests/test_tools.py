@@ -89,3 +89,32 @@ def test_llama_server_gets_the_mixed_cache_from_the_file(tools, tiny, tmp_path):
     stock = _server_kv(tools, tiny, tmp_path, "--override-kv", "kvtool.kv.enabled=bool:false")
     assert not stock.mixed and stock.budgets_enabled is False and len(stock.buffers) == 1
     assert abs(stock.allocated_bytes - want_stock.stock_bytes) <= 0.006 * 2**20
+
+
+def test_parse_kv_log_sums_every_group():
+    from toolchain.commands.llama_server import parse_kv_log
+
+    log = ("llama_model_loader: ...\n"
+           "kvtool_load_config: kvtool budgets: 45 of 90 KV heads compressed, sink = 16, mixed KV enabled\n"
+           "llama_kv_cache_mixed: group 0: window 0, 4096 cells\n"
+           "llama_kv_cache: size =   45.00 MiB (  4096 cells,  30 layers,  4/4 seqs), K (f16):   22.50 MiB, V (f16):   "
+           "22.50 MiB\n"
+           "llama_kv_cache: size =    2.81 MiB (   256 cells,  30 layers,  4/4 seqs), K (f16):    1.41 MiB, V (f16):    "
+           "1.41 MiB\n")
+    kv = parse_kv_log(log)
+    assert kv.mixed and kv.budgets_enabled and (kv.compressed_heads, kv.total_heads) == (45, 90)
+    assert [b["cells"] for b in kv.buffers] == [4096, 256] and all(b["seqs"] == 4 for b in kv.buffers)
+    assert kv.allocated_bytes == round(47.81 * 2**20)
+    assert parse_kv_log("no cache here").allocated_bytes == 0 and parse_kv_log("").budgets_enabled is None
+
+
+def test_upstream_errors_keep_4xx_and_hide_5xx():
+    from toolchain.commands.serve_proxy import upstream_body, upstream_error
+
+    st, body = upstream_error(400, b'{"error": {"code": 400, "message": "exceeds the context", "type": "x"}}')
+    assert st == 400 and body["error"]["message"] == "exceeds the context" and body["error"]["type"] == "x"
+    st, body = upstream_error(500, b"segfault text")
+    assert st == 502 and "llama-server failed" in body["error"]["message"]
+    out = upstream_body({"prompt": "a", "max_completion_tokens": 3, "ignore_eos": True}, 512)
+    assert out["max_tokens"] == 3 and "max_completion_tokens" not in out and out["ignore_eos"] is True
+    assert out["temperature"] == 0.7 and "seed" not in out  # kvtool's defaults, not llama-server's
