@@ -60,7 +60,7 @@ def _server_kv(tools, model: Path, tmp_path: Path, *extra: str, parallel: int = 
     from toolchain.commands.llama_server import LlamaServer, parse_kv_log, server_args
 
     args = server_args(str(tools["llama-server"]), str(model), "{sock}", parallel, n_ctx, 64, 1, "f16", False, None,
-                       0, 0, "tiny")
+                       "0", 0, "tiny")
     srv = LlamaServer(args + list(extra), tmp_path / "server.log")
     try:
         srv.start(timeout=120)
@@ -118,3 +118,33 @@ def test_upstream_errors_keep_4xx_and_hide_5xx():
     out = upstream_body({"prompt": "a", "max_completion_tokens": 3, "ignore_eos": True}, 512)
     assert out["max_tokens"] == 3 and "max_completion_tokens" not in out and out["ignore_eos"] is True
     assert out["temperature"] == 0.7 and "seed" not in out  # kvtool's defaults, not llama-server's
+
+
+def _fake_set(d: Path, names=TOOLS, recipe=None) -> None:
+    import json
+
+    from toolchain.runtime import tools as rt
+
+    (d / "bin").mkdir(parents=True)
+    for n in names:
+        (d / "bin" / n).write_text("#!/bin/sh\n")
+        (d / "bin" / n).chmod(0o755)
+    (d / rt.TOOLS_MARKER).write_text(json.dumps({"recipe": recipe or rt.TOOLS_RECIPE}))
+
+
+def test_a_complete_cached_set_is_reused_and_a_partial_one_is_not(tmp_path, monkeypatch):
+    from helpers_cli import no_subprocess
+
+    from toolchain.runtime import build as rb
+    from toolchain.runtime import tools as rt
+
+    monkeypatch.setenv("KVTOOL_CACHE", str(tmp_path))
+    d = rt.tools_dir(rb.patch_hash("cpu"))
+    _fake_set(d)
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    assert rt.build_tools(echo=lambda m: None)["action"] == "cached"  # no compile, no download
+    partial, stale = tmp_path / "p", tmp_path / "s"
+    _fake_set(partial, TOOLS[:-1])
+    _fake_set(stale, recipe="0")
+    assert rt.cached_tools(d) and rt.cached_tools(partial) is None and rt.cached_tools(stale) is None

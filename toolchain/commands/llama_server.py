@@ -63,13 +63,13 @@ def parse_kv_log(text: str) -> ServerKV:
 
 
 def server_args(exe: str, model: str, sock: str, parallel: int, n_ctx: int, n_ubatch: int, threads: Optional[int],
-                cache_type: str, no_mixed: bool, flash_attn: Optional[bool], gpu_layers: int, seed: int,
+                cache_type: str, no_mixed: bool, flash_attn: Optional[bool], gpu_layers: str, seed: int,
                 model_id: str) -> list[str]:
-    """The llama-server command line for kvtool's defaults (``gpu_layers`` already resolved: -1 = all)."""
+    """The llama-server command line for kvtool's defaults (``gpu_layers`` already resolved: a count or "all")."""
     args = [exe, "-m", model, "--host", sock, "--parallel", str(parallel), "--ctx-size", str(n_ctx * parallel),
             "--no-kv-unified", "--cont-batching", "--flash-attn", "off" if flash_attn is False else "on",
             "--ubatch-size", str(n_ubatch), "--batch-size", str(max(n_ubatch, 2048)),
-            "-ctk", cache_type, "-ctv", cache_type, "--gpu-layers", str(gpu_layers), "--seed", str(seed),
+            "-ctk", cache_type, "-ctv", cache_type, "--gpu-layers", gpu_layers, "--seed", str(seed),
             "--alias", model_id, "--no-webui", "--metrics", "--slots", "--fit", "off", "--no-warmup"]
     if threads:
         args += ["--threads", str(threads), "--threads-batch", str(threads)]

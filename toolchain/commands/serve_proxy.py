@@ -199,7 +199,7 @@ def run_parallel(model: str, sock_front, parallel: int, model_id: Optional[str],
     from ..errors import KvtoolError
     from ..fmt import fmt_bytes
     from ..runtime.memory import dims_from_gguf, predict
-    from ..runtime.offload import llama_value, resolve_gpu_layers
+    from ..runtime.offload import ALL, resolve_gpu_layers
     from ..runtime.tools import tool_path
     from .llama_server import LlamaServer, parse_kv_log, server_args
 
@@ -211,7 +211,8 @@ def run_parallel(model: str, sock_front, parallel: int, model_id: Optional[str],
         raise KvtoolError(f"{model} has beacon keys, and --parallel serves through llama-server, which has no beacon "
                           f"loop: pass --no-beacons to serve its mixed cache without beacons, or drop --parallel")
     exe = str(tool_path("llama-server"))
-    ngl = llama_value(resolve_gpu_layers(gpu_layers, available=_runtime_offloads()))
+    ngl = resolve_gpu_layers(gpu_layers, available=_runtime_offloads())
+    ngl = "all" if ngl == ALL else str(ngl)  # common's -ngl: a count or 'all' (-1 would mean 'auto' there)
     model_id = model_id or Path(model).name
     srv = LlamaServer(server_args(exe, model, "{sock}", parallel, n_ctx, n_ubatch, threads, cache_type, no_mixed,
                                   flash_attn, ngl, seed, model_id),
