@@ -37,7 +37,7 @@ def run_batched(model: str, n_seq: int, depth: int, tg: int, ubatch: int, thread
     exe = str(tool_path("llama-batched-bench"))
     cmd = [exe, "-m", model, "-c", str(n_seq * (depth + tg)), "-b", "2048", "-ub", str(ubatch), "-npp", str(depth),
            "-ntg", str(tg), "-npl", str(n_seq), "-pps", "-fa", "on", "-t", str(threads), "-tb", str(threads),
-           "--no-kv-unified", "--output-format", "jsonl", "-ngl", "0"]
+           "--no-kv-unified", "--output-format", "jsonl", "-ngl", "0", "-lv", "4"]
     if stock:
         cmd += ["--override-kv", "kvtool.kv.enabled=bool:false"]
     t0 = time.time()

@@ -1,6 +1,7 @@
 """``kvtool serve --parallel N`` (the patched llama-server behind kvtool's validating front) with the real client.
 
-On the session's tiny random F32 llama with one windowed head per layer, so a request takes milliseconds. Greedy
+On the session's tiny random F32 llama with one windowed head per layer, so a request takes milliseconds (chat on
+SmolLM2, whose vocabulary can hold a chat template). Greedy
 answers are compared as token-exact text: a request decoded alone and the same request decoded in a batch with
 seven others must agree, which holds because each slot has its own KV stream and the F32 matmuls give every row the
 same result whatever the batch holds.
@@ -107,14 +108,24 @@ def test_models_health_and_mixed_kv(server4):
     assert "KV" in server4["log"].read_text() and "mixed" in server4["log"].read_text()
 
 
-def test_chat_streamed_and_not(server4):
-    c = client_for(server4)
-    msgs = [{"role": "user", "content": "the number of water"}]
-    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0,
+@pytest.fixture(scope="module")
+def smol_server(smollm2_masked, tmp_path_factory):
+    """Chat on SmolLM2 (s=0.5): the tiny model's SentencePiece vocabulary cannot hold a chat template's text."""
+    tool_paths()
+    d = tmp_path_factory.mktemp("serve-smol")
+    proc, base = start(smollm2_masked, d / "serve.log", "--parallel", 2, "--n-ctx", 512, "--model-id", "smol")
+    yield {"proc": proc, "base": base}
+    stop(proc)
+
+
+def test_chat_streamed_and_not(smol_server):
+    c = client_for(smol_server)
+    msgs = [{"role": "user", "content": "Name a fruit."}]
+    r = c.chat.completions.create(model="smol", messages=msgs, max_tokens=8, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
     assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
-    chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
+    chunks = list(c.chat.completions.create(model="smol", messages=msgs, max_tokens=8, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == r.choices[0].message.content

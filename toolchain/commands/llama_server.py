@@ -70,7 +70,8 @@ def server_args(exe: str, model: str, sock: str, parallel: int, n_ctx: int, n_ub
             "--no-kv-unified", "--cont-batching", "--flash-attn", "off" if flash_attn is False else "on",
             "--ubatch-size", str(n_ubatch), "--batch-size", str(max(n_ubatch, 2048)),
             "-ctk", cache_type, "-ctv", cache_type, "--gpu-layers", gpu_layers, "--seed", str(seed),
-            "--alias", model_id, "--no-webui", "--metrics", "--slots", "--fit", "off", "--no-warmup"]
+            "--alias", model_id, "--no-webui", "--metrics", "--slots", "--fit", "off", "--no-warmup",
+            "--log-verbosity", "4"]  # libllama's INFO lines (the KV allocation) are level 4 in common's log
     if threads:
         args += ["--threads", str(threads), "--threads-batch", str(threads)]
     if no_mixed:
