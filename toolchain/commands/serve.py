@@ -373,8 +373,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 @click.option("--server-log", type=click.Path(dir_okay=False), default=None,
               help="With --parallel: keep llama-server's log here (default: a temp file removed at exit).")
 @load_options
-def command(model, host, port, model_id, max_queue, default_max_tokens, seed, parallel, server_log, n_ctx, n_ubatch,
-            threads, cache_type, no_mixed, no_beacons, flash_attn, gpu_layers):
+def command(model, host, port, model_id, max_queue, default_max_tokens, seed, parallel, server_log, n_ctx, kv_budget,
+            n_ubatch, threads, cache_type, no_mixed, no_beacons, flash_attn, gpu_layers):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat completions, completions, models)."""
     try:
         import fastapi  # noqa: F401
@@ -390,6 +390,9 @@ def command(model, host, port, model_id, max_queue, default_max_tokens, seed, pa
         raise KvtoolError(f"--parallel must be in 1..256, got {parallel}")
     if server_log is not None and parallel is None:
         raise KvtoolError("--server-log applies to --parallel only")
+    if kv_budget is not None and parallel is not None:
+        raise KvtoolError("--kv-budget applies to the in-process server; with --parallel size the cache by --n-ctx "
+                          "(kvtool plan MODEL --mem SIZE says what fits)")
     if n_ctx < 1 or n_ubatch < 1 or (threads is not None and threads < 1):
         raise KvtoolError("--n-ctx, --n-ubatch and --threads must be >= 1")
     sock = bind_socket(host, port)
@@ -405,7 +408,7 @@ def command(model, host, port, model_id, max_queue, default_max_tokens, seed, pa
         return
     try:
         m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons,
-                       gpu_layers)
+                       gpu_layers, kv_budget)
         app = make_app(m, model_id, max_queue, default_max_tokens)
         h, p = sock.getsockname()[:2]
         shown = f"[{h}]" if ":" in h else h
