@@ -38,6 +38,8 @@ def test_kvtool_ppl_agrees_with_llama_perplexity(smollm2_masked):
     assert ours["windows"] == CHUNKS
     full = llama_perplexity(exe, smollm2_masked, text, "--override-kv", "kvtool.kv.enabled=bool:false")
     mixed = llama_perplexity(exe, smollm2_masked, text)
+    print(f"ppl full: kvtool {ours['ppl_full']:.4f} llama-perplexity {full:.4f}; "
+          f"mixed: kvtool {ours['ppl_mixed']:.4f} llama-perplexity {mixed:.4f}")  # shown with pytest -rA
     assert mixed != full  # the mixed cache really ran in llama-perplexity (W=64 < 512 changes the logits)
     assert abs(ours["ppl_full"] / full - 1) < 0.01, (ours["ppl_full"], full)
     assert abs(ours["ppl_mixed"] / mixed - 1) < 0.01, (ours["ppl_mixed"], mixed)
