@@ -32,7 +32,7 @@ TORCH_PIN := $(shell [ "$$(uname -s)" = Linux ] && [ "$$(uname -m)" = x86_64 ] &
                      ! command -v nvidia-smi >/dev/null 2>&1 && echo "torch==2.13.0")
 endif
 
-.PHONY: demo lint test test-all fuzz venv runtime clean distclean vulkan-deps test-gpu test-gpu-all check-cuda
+.PHONY: demo lint test test-all fuzz venv runtime tools clean distclean vulkan-deps test-gpu test-gpu-all check-cuda
 
 venv: $(EXTRAS_STAMP)
 
@@ -48,6 +48,11 @@ $(CORE_STAMP): pyproject.toml | $(VPY)
 
 runtime: $(CORE_STAMP)
 	$(KVTOOL) build-runtime $(RUNTIME_ARGS)
+
+# llama.cpp's own programs (llama-server, llama-bench, ...) from the same patched tree and backend, cached in
+# ~/.cache/kvtool/tools by patch hash (docs/running.md). Returns at once when cached; `make test` needs them.
+tools: venv
+	$(KVTOOL) build-runtime --tools $(RUNTIME_ARGS)
 
 # `| runtime`: built first, but a runtime check never forces the pip step below to rerun.
 $(EXTRAS_STAMP): pyproject.toml $(CORE_STAMP) | runtime
@@ -66,10 +71,10 @@ define run_pytest
 	exit $$rc
 endef
 
-test: venv
+test: venv tools
 	$(call run_pytest,)
 
-test-all: venv
+test-all: venv tools
 	$(call run_pytest,-m '')
 
 # ---- GPU backends (docs/gpu.md). Each has its own venv, so .venv keeps the CPU runtime everyone's tests use, and

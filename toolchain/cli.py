@@ -41,7 +41,9 @@ _echo = echo_stderr
               help="CUDA compute capabilities, e.g. '75;86;87;89;90' (the default) or 'native'.")
 @click.option("--export-source", type=str, default=None, metavar="ARCHIVE",
               help="Write a pruned, pre-patched source archive for --backend (.tar.gz) instead of building.")
-def build_runtime_cmd(backend, portable, jobs, sdist, rebuild, cuda_arch, export_source):
+@click.option("--tools", "with_tools", is_flag=True,
+              help="Also build llama-server, llama-cli, llama-bench, llama-perplexity, llama-batched-bench (cached).")
+def build_runtime_cmd(backend, portable, jobs, sdist, rebuild, cuda_arch, export_source, with_tools):
     """Build and install the patched llama-cpp-python (libllama with the mixed KV cache)."""
     from .runtime.build import build_runtime
 
@@ -54,6 +56,11 @@ def build_runtime_cmd(backend, portable, jobs, sdist, rebuild, cuda_arch, export
         return
     build_runtime(backend=backend, portable=portable, jobs=jobs, sdist=sdist, rebuild=rebuild, echo=_echo,
                   cuda_arch=cuda_arch)
+    if with_tools:
+        from .runtime.tools import build_tools
+
+        build_tools(backend=backend, portable=portable, jobs=jobs, sdist=sdist, rebuild=rebuild, echo=_echo,
+                    cuda_arch=cuda_arch)
 
 
 @cli.command()
@@ -125,7 +132,7 @@ def _register() -> None:
 
     for mod, attr in (("heads", "heads"), ("convert", "convert"), ("inspect", "inspect_cmd"), ("inspect", "plan_cmd"),
                       ("train", "train"), ("generate", "command"), ("chat", "command"), ("serve", "command"),
-                      ("eval", "eval_cmd")):
+                      ("eval", "eval_cmd"), ("tools", "tools")):
         cli.add_command(getattr(importlib.import_module(f"toolchain.commands.{mod}"), attr))
 
 

@@ -6,6 +6,10 @@ requests queue behind an asyncio lock; at most ``--max-queue`` may wait, later o
 piling up. A client that disconnects mid-stream stops its generation, so it frees the queue.
 
 It binds 127.0.0.1 by default. The socket is bound before the model loads, so a port in use is a one-line error.
+
+``--parallel N`` serves N sequences at once over one mixed cache instead: kvtool starts the patched llama-server
+(continuous batching, ``llama_server.py``) behind a validating front (``serve_proxy.py``); docs/running.md says why.
+Without it this single-worker server runs in-process, needs no compiled tools, and can run the beacon loop.
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at runtime
 
@@ -364,9 +368,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 @click.option("-n", "--max-tokens", "default_max_tokens", type=int, default=512, show_default=True,
               help="Default max_tokens when a request gives none.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--parallel", "-np", type=int, default=None,
+              help="Decode N sequences together through the patched llama-server (--n-ctx is then per sequence).")
+@click.option("--server-log", type=click.Path(dir_okay=False), default=None,
+              help="With --parallel: keep llama-server's log here (default: a temp file removed at exit).")
 @load_options
-def command(model, host, port, model_id, max_queue, default_max_tokens, seed, n_ctx, kv_budget, n_ubatch, threads,
-            cache_type, no_mixed, no_beacons, flash_attn, gpu_layers):
+def command(model, host, port, model_id, max_queue, default_max_tokens, seed, parallel, server_log, n_ctx, kv_budget,
+            n_ubatch, threads, cache_type, no_mixed, no_beacons, flash_attn, gpu_layers):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat completions, completions, models)."""
     try:
         import fastapi  # noqa: F401
@@ -378,7 +386,26 @@ def command(model, host, port, model_id, max_queue, default_max_tokens, seed, n_
         raise KvtoolError(f"--port must be in 0..65535, got {port}")
     if max_queue < 0 or default_max_tokens < 1:
         raise KvtoolError("--max-queue must be >= 0 and --max-tokens >= 1")
+    if parallel is not None and not 1 <= parallel <= 256:
+        raise KvtoolError(f"--parallel must be in 1..256, got {parallel}")
+    if server_log is not None and parallel is None:
+        raise KvtoolError("--server-log applies to --parallel only")
+    if kv_budget is not None and parallel is not None:
+        raise KvtoolError("--kv-budget applies to the in-process server; with --parallel size the cache by --n-ctx "
+                          "(kvtool plan MODEL --mem SIZE says what fits)")
+    if n_ctx < 1 or n_ubatch < 1 or (threads is not None and threads < 1):
+        raise KvtoolError("--n-ctx, --n-ubatch and --threads must be >= 1")
     sock = bind_socket(host, port)
+    if parallel is not None:
+        from .serve_proxy import run_parallel
+
+        try:
+            run_parallel(model, sock, parallel, model_id, default_max_tokens, seed, n_ctx, n_ubatch, threads,
+                         cache_type, no_mixed, no_beacons, flash_attn, gpu_layers, server_log,
+                         lambda m: click.echo(m, err=True))
+        finally:
+            sock.close()
+        return
     try:
         m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons,
                        gpu_layers, kv_budget)
