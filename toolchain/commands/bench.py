@@ -84,6 +84,8 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
                 t0 = time.perf_counter()
                 llm.eval(toks[:p])
                 prefill[v].append(p / (time.perf_counter() - t0))
+        for v in variants:  # reported as soon as measured: on a slow backend the fill below can take many minutes
+            echo(f"[bench] ctx {ctx} {v}: prefill {p} tokens, tok/s {_runs(prefill[v])}")
 
         for v, llm in llms.items():
             echo(f"[bench] ctx {ctx} {v}: filling {fill} tokens")
@@ -99,6 +101,8 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
                 if not cut_kv(llm, fill):
                     raise KvtoolError("the cache refused to drop the decoded tail; cannot repeat the decode run")
                 llm.n_tokens = fill
+        for v in variants:
+            echo(f"[bench] ctx {ctx} {v}: decode {n_decode} steps at {fill} tokens, tok/s {_runs(decode[v])}")
 
         rows = []
         for v, llm in llms.items():
@@ -152,6 +156,10 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
             echo(f"[bench] ctx {c} {r.variant}: KV {r.kv_bytes / 2**20:.1f} MiB, prefill {r.prefill_tps:.1f} tok/s, "
                  f"decode {r.decode_tps:.2f} tok/s")
     return rows
+
+
+def _runs(runs: list) -> str:
+    return "[" + ", ".join(f"{x:.2f}" for x in runs) + "]"
 
 
 def _ratio(a: float, stock: Optional[float]) -> str:
