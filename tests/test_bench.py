@@ -34,11 +34,16 @@ def test_bench_refuses_file_without_budgets(tiny_gguf):
     assert "has no kvtool budgets (mixed mode did not activate)" in str(res.exception)
 
 
-def test_bench_reports_each_phase_as_it_is_measured(tiny_gguf, tmp_path):
+def test_bench_reports_each_phase_as_it_is_measured(tiny_gguf, tmp_path, monkeypatch):
     """On a slow backend (lavapipe) one context takes many minutes: the prefill runs are echoed before the fill
-    starts and the decode runs right after they finish, with the same figures as the final rows."""
+    starts and the decode runs right after they finish, with the same figures as the final rows. Every timed run
+    and the fill end with a device synchronize (a GPU backend's decode only queues the work)."""
+    from toolchain.commands import bench
     from toolchain.commands.bench import run_bench
 
+    synced = []
+    real = bench.synchronize
+    monkeypatch.setattr(bench, "synchronize", lambda llm: (synced.append(llm), real(llm)))
     path = write_windows(tiny_gguf, tmp_path / "m.gguf", [[16, 0]] * 3, 4)
     lines = []
     rows = run_bench(str(path), [256], ["stock", "mixed"], prompt=32, n_decode=3, repeats=2, n_ubatch=32,
@@ -51,3 +56,4 @@ def test_bench_reports_each_phase_as_it_is_measured(tiny_gguf, tmp_path):
         assert len(dec) == 1 and dec[0] > first_fill, lines
         assert lines[pre[0]].endswith("[" + ", ".join(f"{x:.2f}" for x in r.prefill_runs) + "]")
         assert lines[dec[0]].endswith("[" + ", ".join(f"{x:.2f}" for x in r.decode_runs) + "]")
+    assert len(synced) == 2 * 2 + 2 + 2 * 2  # prefill runs + fills + decode runs, two variants, two repeats

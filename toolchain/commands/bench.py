@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import KvtoolError
 from ..gguf_keys import CACHE_TYPES, K_ENABLED
-from ..runtime.handles import clear_kv, ctx_ptr, cut_kv
+from ..runtime.handles import clear_kv, ctx_ptr, cut_kv, synchronize
 
 VARIANTS = {
     "stock": dict(mixed=False, cache="f16"),
@@ -83,6 +83,7 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
                 clear_kv(llm)
                 t0 = time.perf_counter()
                 llm.eval(toks[:p])
+                synchronize(llm)
                 prefill[v].append(p / (time.perf_counter() - t0))
         for v in variants:  # reported as soon as measured: on a slow backend the fill below can take many minutes
             echo(f"[bench] ctx {ctx} {v}: prefill {p} tokens, tok/s {_runs(prefill[v])}")
@@ -91,12 +92,14 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
             echo(f"[bench] ctx {ctx} {v}: filling {fill} tokens")
             clear_kv(llm)
             llm.eval(toks[:fill])
+            synchronize(llm)
         decode = {v: [] for v in variants}
         for _ in range(repeats):
             for v, llm in llms.items():
                 t0 = time.perf_counter()
                 for i in range(n_decode):
                     llm.eval([toks[fill + i]])
+                synchronize(llm)
                 decode[v].append(n_decode / (time.perf_counter() - t0))
                 if not cut_kv(llm, fill):
                     raise KvtoolError("the cache refused to drop the decoded tail; cannot repeat the decode run")
