@@ -122,6 +122,8 @@ def test_parity_smollm2_f32(smollm2_f32, tmp_path):
     for ubatch, n in ((64, 160), (7, 160), (1, 60)):
         stock_err = float(np.abs(runtime_logits(_gpu(gguf, n_ubatch=ubatch), tokens[:n]) - ref_full[:n]).max())
         err = float(np.abs(runtime_logits(_gpu(path, n_ubatch=ubatch), tokens[:n]) - ref[:n]).max())
+        print(f"[smollm2 f32] ubatch {ubatch}, {n} tokens: mixed {err:.3g}, stock {stock_err:.3g}, "
+              f"bound {bound(stock_err):.3g}")  # the figures docs/gpu.md records (pytest -s)
         assert err <= bound(stock_err), f"ubatch {ubatch}: max |dlogit| = {err} (stock {stock_err})"
 
 
@@ -178,17 +180,19 @@ def test_split_count_with_mixed_kv_equals_stock(tiny_gguf, tmp_path, flash_attn)
 
 # ------------------------------------------------------------------------------------ ggml's test-backend-ops
 
-# The ops the mixed graph adds, each checked on the GPU backend against ggml's CPU backend. FLASH_ATTN_EXT has
-# thousands of cases; the subset (24) is what the runtime runs for SmolLM2: head size 64, a mask, no sinks or
-# softcap, F32 precision, F16 K/V, GQA ratios 1 and 4, KV lengths 113-1024 and batches 1-75.
-FA_SUBSET = (r"hsk=64,hsv=64,nh=4,nr23=\[(1,1|4,1)\],.*mask=1,sinks=0,max_bias=0.000000,logit_softcap=0.000000,"
-             r"prec=f32,type_K=f16,type_V=f16")
-# FLASH_ATTN_EXT does not hold yet on lavapipe: every case that ran printed OK, then test-backend-ops aborted with
-# glibc's "corrupted double-linked list" (docs/gpu.md). It stays in the run, marked as a known failure until found.
-FA_ABORT = pytest.mark.xfail(reason="test-backend-ops aborts (heap corruption) after passing FA cases on lavapipe; "
-                                    "undiagnosed, see docs/gpu.md", strict=False)
-BACKEND_OPS = [("GET_ROWS", None), ("CONCAT", None), ("SET_ROWS", None), ("SOFT_MAX", None),
-               pytest.param("FLASH_ATTN_EXT", FA_SUBSET, marks=FA_ABORT)]
+# The ops the mixed graph adds, each checked on the GPU backend against ggml's CPU backend.
+BACKEND_OPS = ["GET_ROWS", "CONCAT", "SET_ROWS", "SOFT_MAX"]
+
+# FLASH_ATTN_EXT has thousands of cases; the runtime's subset (24) is what it runs for SmolLM2: head size 64, a mask,
+# no sinks or softcap, F32 precision, F16 K/V, GQA ratios 1 and 4, KV lengths 113/512/1024, batches 1/3/32/75 (and
+# the permuted layout ggml tests at KV 512). Each case runs in its own process: on lavapipe a single process that
+# runs the KV-512 cases and then the KV-1024 ones aborts with glibc heap corruption ("corrupted double-linked list")
+# although every case passes on its own (docs/gpu.md); that sequence is kept below as a known failure.
+_FA_TAIL = "mask=1,sinks=0,max_bias=0.000000,logit_softcap=0.000000,prec=f32,type_K=f16,type_V=f16"
+FA_CASES = [rf"hsk=64,hsv=64,nh=4,nr23=\[{nr}\],kv={kv},nb={nb},{_FA_TAIL},permute=\[{perm}\],"
+            for nr in ("1,1", "4,1") for kv in (113, 512, 1024) if nr == "1,1" or kv == 512
+            for nb in (1, 3, 32, 75) for perm in (("0,1,2,3", "0,2,1,3") if kv == 512 else ("0,1,2,3",))]
+FA_SEQUENCE = rf"hsk=64,hsv=64,nh=4,nr23=\[1,1\],kv=(512|1024),.*{_FA_TAIL},permute=\[0,1,2,3\],"
 
 
 @pytest.fixture(scope="module")
@@ -198,15 +202,37 @@ def test_backend_ops(tmp_path_factory):
     return build_test_backend_ops(echo=lambda m: None)
 
 
-@pytest.mark.slow  # tens of minutes on lavapipe: `make test-gpu-all`
-@pytest.mark.parametrize("op,params", BACKEND_OPS, ids=["GET_ROWS", "CONCAT", "SET_ROWS", "SOFT_MAX", "FLASH_ATTN_EXT"])
-def test_backend_ops_against_cpu(test_backend_ops, op, params):
-    cmd = [str(test_backend_ops), "test", "-b", f"{PREFIX}0", "-o", op]
-    if params:
-        cmd += ["-p", params]
+def _backend_ops(exe, op, params=None):
+    """(passed, total, returncode, output) of one test-backend-ops run on the GPU backend against the CPU."""
+    cmd = [str(exe), "test", "-b", f"{PREFIX}0", "-o", op] + (["-p", params] if params else [])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     out = res.stdout + res.stderr
     m = re.search(r"(\d+)/(\d+) tests passed", out)
-    assert m, out[-2000:]
-    passed, total = int(m.group(1)), int(m.group(2))
-    assert total > 0 and passed == total and res.returncode == 0, out[-2000:]
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None), res.returncode, out
+
+
+@pytest.mark.slow  # tens of minutes on lavapipe: `make test-gpu-all`
+@pytest.mark.parametrize("op", BACKEND_OPS)
+def test_backend_ops_against_cpu(test_backend_ops, op):
+    (passed, total), rc, out = _backend_ops(test_backend_ops, op)
+    assert total and passed == total and rc == 0, out[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FA_CASES, ids=[re.sub(r"hsk=64,hsv=64,nh=4,|" + re.escape(_FA_TAIL) + r",|\\", "", c)
+                                                 .strip(",") for c in FA_CASES])
+def test_backend_ops_flash_attn_case(test_backend_ops, case):
+    (passed, total), rc, out = _backend_ops(test_backend_ops, "FLASH_ATTN_EXT", case)
+    assert total == 1 and passed == 1 and rc == 0, out[-2000:]  # exactly one case: the pattern cannot go stale
+
+
+def test_flash_attn_cases_cover_the_subset():
+    assert len(FA_CASES) == 24 and len(set(FA_CASES)) == 24
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="lavapipe: KV-512 then KV-1024 FA cases in one process corrupt the heap "
+                          "(ggml-vulkan or Mesa 22.3 lavapipe, undiagnosed further); docs/gpu.md", strict=False)
+def test_backend_ops_flash_attn_sequence_in_one_process(test_backend_ops):
+    (passed, total), rc, out = _backend_ops(test_backend_ops, "FLASH_ATTN_EXT", FA_SEQUENCE)
+    assert total == 8 and passed == total and rc == 0, out[-2000:]

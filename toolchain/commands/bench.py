@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import KvtoolError
 from ..gguf_keys import CACHE_TYPES, K_ENABLED
 from ..kv_variants import NAMES, kv_variant
-from ..runtime.handles import clear_kv, ctx_ptr, cut_kv
+from ..runtime.handles import clear_kv, ctx_ptr, cut_kv, synchronize
 
 VARIANTS = {n: dict(mixed=kv_variant(n).mixed, cache=kv_variant(n).cache or "f16") for n in NAMES}
 
@@ -82,22 +82,29 @@ def bench_ctx(path: Path, ctx: int, variants: Sequence[str], prompt: int, n_deco
                 clear_kv(llm)
                 t0 = time.perf_counter()
                 llm.eval(toks[:p])
+                synchronize(llm)
                 prefill[v].append(p / (time.perf_counter() - t0))
+        for v in variants:  # reported as soon as measured: on a slow backend the fill below can take many minutes
+            echo(f"[bench] ctx {ctx} {v}: prefill {p} tokens, tok/s {_runs(prefill[v])}")
 
         for v, llm in llms.items():
             echo(f"[bench] ctx {ctx} {v}: filling {fill} tokens")
             clear_kv(llm)
             llm.eval(toks[:fill])
+            synchronize(llm)
         decode = {v: [] for v in variants}
         for _ in range(repeats):
             for v, llm in llms.items():
                 t0 = time.perf_counter()
                 for i in range(n_decode):
                     llm.eval([toks[fill + i]])
+                synchronize(llm)
                 decode[v].append(n_decode / (time.perf_counter() - t0))
                 if not cut_kv(llm, fill):
                     raise KvtoolError("the cache refused to drop the decoded tail; cannot repeat the decode run")
                 llm.n_tokens = fill
+        for v in variants:
+            echo(f"[bench] ctx {ctx} {v}: decode {n_decode} steps at {fill} tokens, tok/s {_runs(decode[v])}")
 
         rows = []
         for v, llm in llms.items():
@@ -151,6 +158,10 @@ def run_bench(path: str, ctxs: Sequence[int], variants: Sequence[str] = ("stock"
             echo(f"[bench] ctx {c} {r.variant}: KV {r.kv_bytes / 2**20:.1f} MiB, prefill {r.prefill_tps:.1f} tok/s, "
                  f"decode {r.decode_tps:.2f} tok/s")
     return rows
+
+
+def _runs(runs: list) -> str:
+    return "[" + ", ".join(f"{x:.2f}" for x in runs) + "]"
 
 
 def _ratio(a: float, stock: Optional[float]) -> str:

@@ -14,6 +14,14 @@ def ctx_ptr(llm):
     return llm._ctx.ctx
 
 
+def synchronize(llm) -> None:
+    """Wait until the device has finished every submitted graph. On a GPU backend ``llama_decode`` returns once the
+    work is queued, and ``Llama.eval`` reads no logits (so never waits): a timing without this measures submission."""
+    import llama_cpp
+
+    llama_cpp.llama_synchronize(llm._ctx.ctx)
+
+
 def clear_kv(llm) -> None:
     """An empty cache and no tokens: the next evaluation starts at position 0."""
     llm.reset()
