@@ -40,10 +40,14 @@ _echo = echo_stderr
               help="Perplexity and KL(full||mixed) over this text instead of a task ('verne': "
                    "reasoning_gym/data/in_the_year_2889.txt).")
 @click.option("--ppl-tokens", type=int, default=None, help="With --ppl: use only the first N tokens of the text.")
+@click.option("--beacon-interval", default=None, metavar="C|auto",
+              help="Beacon variants: run at interval C (one the file lists), or 'auto' within --kv-budget.")
+@click.option("--kv-budget", default=None, metavar="SIZE",
+              help="KV budget for --beacon-interval auto (e.g. 96KiB): the live KV never passes it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of the Markdown table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ubatch, cache_type, threads, gpu_layers,
-             ppl, ppl_tokens, as_json, quiet):
+             ppl, ppl_tokens, beacon_interval, kv_budget, as_json, quiet):
     """Evaluate GGUF files (full vs mixed KV) on a verifiable task, or measure perplexity/KL with --ppl."""
     from .. import eval as ev
     from ..eval.records import check_writable
@@ -76,11 +80,17 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
         return
     if task is None:
         raise KvtoolError("give --task NAME (or --ppl FILE.txt)")
+    from ..runtime.beacon_interval import parse_interval
+    from .inspect import parse_size
+
+    beacon_interval = parse_interval(beacon_interval)
+    budget = parse_size(kv_budget) if kv_budget is not None else None
     if ppl_tokens is not None:
         raise KvtoolError("--ppl-tokens goes with --ppl")
     res = ev.run_eval(models, task, n=n, seed=seed, variants=vlist, max_tokens=max_tokens, n_ctx=n_ctx,
                       n_ubatch=n_ubatch, cache_type=cache_type or "f16", threads=threads, out=out, plot=plot,
-                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers)
+                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers, beacon_interval=beacon_interval,
+                      beacon_budget=budget)
     click.echo(json.dumps(res, indent=1) if as_json else ev.markdown(res["rows"]))
     if out:
         _echo(f"wrote {out} (records: {res['records']})" + (f" and {plot}" if plot else ""))

@@ -32,19 +32,55 @@ def load_options(f):
         click.option("--flash-attn/--no-flash-attn", "flash_attn", default=None,
                      help="Default: on when the file has budgets (without it V rows are padded)."),
         gpu_layers_option(),
+        *beacon_options(),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
+def beacon_options() -> list:
+    """``--beacon-interval C|auto`` and ``--kv-budget SIZE`` (the budget ``auto`` adapts to). Their values go to
+    the click context (``ctx.meta``), so the commands that take ``load_options`` pass them on through
+    :func:`load_model` without a parameter of their own."""
+
+    def keep(name):
+        def cb(ctx, param, value):
+            ctx.meta[f"kvtool.{name}"] = value
+            return value
+        return cb
+
+    return [
+        click.option("--beacon-interval", "beacon_interval", default=None, metavar="C|auto", expose_value=False,
+                     callback=keep("beacon_interval"),
+                     help="Beacon files: run at interval C (one the file lists), or 'auto': start at the smallest and "
+                          "switch to a larger one when the live KV would pass --kv-budget."),
+        click.option("--kv-budget", "kv_budget", default=None, metavar="SIZE", expose_value=False,
+                     callback=keep("kv_budget"),
+                     help="KV memory budget (e.g. 256KiB, 2GiB); with --beacon-interval auto the live KV stays "
+                          "within it."),
+    ]
+
+
+def beacon_settings() -> tuple:
+    """(beacon_interval, budget bytes) from the options of :func:`beacon_options` (None, None outside a command)."""
+    from .inspect import parse_size
+
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    c, budget = meta.get("kvtool.beacon_interval"), meta.get("kvtool.kv_budget")
+    return c, (parse_size(budget) if budget is not None else None)
+
+
 def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], cache_type: str, no_mixed: bool,
                flash_attn: Optional[bool], seed: int = 0, no_beacons: bool = False, gpu_layers=None):
     from ..runtime.model import Model
 
+    c, budget = beacon_settings()
     return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
                       mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed,
-                      beacons=False if no_beacons else None, n_gpu_layers=gpu_layers)
+                      beacons=False if no_beacons else None, n_gpu_layers=gpu_layers, beacon_interval=c,
+                      beacon_budget=budget)
 
 
 def fmt_rate(x: Optional[float]) -> str:
