@@ -118,22 +118,29 @@ def test_unsupported_interval_fails_naming_it(tiny):
 
 
 def test_cli_error_is_one_line(tiny):
-    from helpers_cli import run_cli
+    from helpers_cli import assert_one_line_error, kvtool
 
-    r = run_cli(["generate", str(tiny["multi"]), "-p", "ab", "-n", "4", "--beacon-interval", "12", "--n-ctx", "256"])
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [next(x for x in r.stderr.strip().splitlines() if "kvtool: error" in x)]
-    assert "beacon interval 12 is not supported" in r.stderr
+    r = kvtool("generate", str(tiny["multi"]), "-p", "ab", "-n", "4", "--beacon-interval", "12", "--n-ctx", "256")
+    assert_one_line_error(r, contains="beacon interval 12 is not supported")
+    r = kvtool("generate", str(tiny["multi"]), "-p", "ab", "-n", "4", "--beacon-interval", "auto", "--n-ctx", "256")
+    assert_one_line_error(r, contains="needs a KV budget")
+    r = kvtool("generate", str(tiny["multi"]), "-p", "ab", "-n", "30", "--beacon-interval", "auto", "--kv-budget",
+               "20KiB", "--n-ctx", "256", "--json")
+    assert r.returncode == 0, r.stderr
+    kv = json.loads(r.stdout)["kv"]["beacons"]
+    assert kv["adaptive"] and kv["budget_cells"] == 20 * 1024 // 256 and kv["peak_live_cells"] <= kv["budget_cells"]
 
 
 # --- adaptive ----------------------------------------------------------------------------------------------------------
 def test_adaptive_rule():
-    # base 10 cells, 200 tokens to go: projections 10+50+4=64, 10+25+8=43, 10+12+16=38
-    assert bi.next_interval(CS, 4, 10, 200, 64) == 4
-    assert bi.next_interval(CS, 4, 10, 200, 63) == 8
-    assert bi.next_interval(CS, 4, 10, 200, 40) == 16
-    assert bi.next_interval(CS, 4, 10, 200, 20) == 16  # nothing fits: the smallest projection
+    """Lazy: keep c for one more chunk while some interval >= c still fits the rest after it."""
+    # base 10 cells, 200 tokens to go: c=4 can run a chunk, after which c=16 (11 + 12 + 16 = 39) still fits 40
+    assert bi.next_interval(CS, 4, 10, 200, 40) == 4
+    # base 20, 100 to go, budget 40: after a c=4 chunk nothing fits (49, 41, 43); after a c=8 one, c=8 does (40)
+    assert bi.next_interval(CS, 4, 20, 100, 40) == 8
+    assert bi.next_interval(CS, 4, 30, 200, 40) == 16  # nothing fits: the smallest projection (58)
     assert bi.next_interval(CS, 8, 10, 0, 100) == 8  # never back down
+    assert bi.next_interval(CS, 4, 10, 3, 13) == 4  # the last partial chunk: no beacon after it
     assert bi.projected_peak(10, 200, 8) == 43
     ch = bi.choose(CS, "auto", 4, budget_bytes=10_000, bytes_per_cell=100, fixed_bytes=2_000)
     assert (ch.adaptive, ch.interval, ch.budget_cells) == (True, 4, 80)
@@ -207,8 +214,11 @@ def test_eval_reports_the_chosen_and_the_adaptive_interval(tiny, tmp_path):
     from toolchain import eval as ev
     from toolchain.tasks import Problem, register_task
 
-    register_task("bint", lambda n, seed: [Problem("bint", i, f"q{i}", "zz", {}, lambda a, e: 0.0, prompt=f"q{i}",
-                                                   extract=False) for i in range(n)])
+    def problems(n, seed):  # prompts in the tiny vocabulary (its words), a verifier that never accepts
+        return [Problem("bint", i, "the word " * (i + 1), "zz", {}, lambda a, e: 0.0, prompt="the word " * (i + 1),
+                        extract=False) for i in range(n)]
+
+    register_task("bint", problems)
     fixed = ev.run_eval([tiny["multi"]], "bint", n=2, max_tokens=40, n_ubatch=64, cache_type="f32", threads=2,
                         beacon_interval=8, progress=False, out=tmp_path / "e.json")
     row = fixed["rows"][0]

@@ -238,8 +238,9 @@ class Model:
             raise KvtoolError(f"{p}: beacon interval {want_c} asked for, but the file has no kvtool.beacon keys")
         if want_c is not None and beacons is False:
             raise KvtoolError("a beacon interval needs the beacon loop: drop beacons=False (--no-beacons)")
-        if has_beacons and want_c != "auto":  # a bad interval fails before anything loads
-            choose(budgets.supported_intervals(), want_c, int(budgets.beacon_interval), f"{p}: ")
+        if has_beacons:  # a bad interval, or auto without a budget, fails before anything loads
+            choose(budgets.supported_intervals(), want_c, int(budgets.beacon_interval), f"{p}: ", want_budget,
+                   1 if want_c == "auto" else None)
         fa = has_budgets if flash_attn is None else bool(flash_attn)
         if cache_type not in ("f16", "f32", "bf16") and not fa:
             raise KvtoolError(f"a quantized KV cache ({cache_type}) needs flash attention; drop flash_attn=False")
