@@ -109,6 +109,8 @@ def kv_summary(kv: dict) -> str:
     if b:
         s += (f" · beacons every {b['interval']}: {b['live_cells']} live cells (peak {b['peak_live_cells']}) "
               f"for {b['positions']} positions")
+        if b.get("adaptive"):
+            s += f" · auto interval within {b['budget_cells']} cells ({len(b.get('switches') or [])} switches)"
     return s
 
 
