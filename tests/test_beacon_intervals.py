@@ -124,6 +124,9 @@ def test_cli_error_is_one_line(tiny):
     assert_one_line_error(r, contains="beacon interval 12 is not supported")
     r = kvtool("generate", str(tiny["multi"]), "-p", "ab", "-n", "4", "--beacon-interval", "auto", "--n-ctx", "256")
     assert_one_line_error(r, contains="needs a KV budget")
+    r = kvtool("inspect", str(tiny["multi"]), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["beacon"] == {"token_id": tiny["beacon"], "interval": 4, "intervals": list(CS)}
     r = kvtool("generate", str(tiny["multi"]), "-p", "ab", "-n", "30", "--beacon-interval", "auto", "--kv-budget",
                "20KiB", "--n-ctx", "256", "--json")
     assert r.returncode == 0, r.stderr
