@@ -165,8 +165,9 @@ reward = test_train_beacons.hash_reward
 res = tb.train(cfg, reward_fn=reward, progress=False, echo=lambda m: None, export=False)
 st = tb.load_checkpoint(tb.checkpoint_path(sys.argv[2], cfg.steps))
 rank = dist_rank_world()[0]
-print("STATE", rank, json.dumps({"row": st["beacon_row"].tolist(),
-      "lora": {k: v.flatten()[:64].tolist() for k, v in sorted(st["trainable"].items())[:6]}}))
+import pathlib
+pathlib.Path(sys.argv[2], f"state_{rank}.json").write_text(json.dumps({"row": st["beacon_row"].tolist(),
+    "lora": {k: v.flatten()[:64].tolist() for k, v in sorted(st["trainable"].items())[:6]}}))
 """
 
 
@@ -176,9 +177,9 @@ def _run(script: Path, model: Path, out: Path, steps: int, nproc: int, rl: float
                        capture_output=True, text=True, timeout=600, cwd=str(ROOT),
                        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    lines = [x.split(" ", 2) for x in p.stdout.splitlines() if x.startswith("STATE ")]
-    assert sorted(int(x[1]) for x in lines) == list(range(nproc))  # every rank ran to the end
-    return json.loads(lines[0][2])
+    # one file per rank (stdout lines of two ranks can interleave); every rank ran to the end
+    assert sorted(f.name for f in out.glob("state_*.json")) == [f"state_{r}.json" for r in range(nproc)]
+    return json.loads((out / "state_0.json").read_text())
 
 
 def test_two_process_gloo_equals_one_process(tiny_dir, tmp_path):
