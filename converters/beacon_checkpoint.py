@@ -1,7 +1,8 @@
 """A ``kvtool train beacons`` checkpoint -> a GGUF with ``kvtool.beacon.*`` keys (torch-free, for ``kvtool convert``).
 
 The checkpoint declares its beacon in ``kvtool.json`` (written by :mod:`toolchain.train.beacons`); the GGUF gets
-``kvtool.beacon.token_id`` / ``kvtool.beacon.interval``, which the runtime's beacon loop reads back. The beacon
+``kvtool.beacon.token_id`` / ``kvtool.beacon.interval`` (and ``kvtool.beacon.intervals`` for a beacon trained at
+several intervals), which the runtime's beacon loop reads back. The beacon
 token must be in the GGUF vocabulary, so a tokenizer saved without it fails here, not at generation time.
 """
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from toolchain.errors import KvtoolError
-from toolchain.gguf_keys import BEACON_PREFIX, K_BEACON_INTERVAL, K_BEACON_TOKEN, K_VERSION, KVTOOL_VERSION
+from toolchain.gguf_keys import BEACON_PREFIX, K_BEACON_TOKEN, K_VERSION, KVTOOL_VERSION
 
 from .convert import convert_model, via_hf_gguf
-from .gguf_budgets import T_U32, Value, open_gguf, rewrite_gguf
+from .gguf_budgets import T_U32, Value, beacon_interval_values, check_beacon_intervals, open_gguf, rewrite_gguf
 from .hf_to_gguf import inspect_hf_dir
 
 KVTOOL_JSON = "kvtool.json"  # the checkpoint's own metadata file
@@ -28,6 +29,7 @@ class CheckpointBeacon:
     token_id: int
     interval: int
     token: Optional[str]  # the token's text, when the checkpoint added one (None: unknown)
+    intervals: Optional[tuple] = None  # every c it was trained for (None: only ``interval``)
 
 
 def beacon_from_checkpoint(ckpt_dir: Union[str, os.PathLike]) -> Optional[CheckpointBeacon]:
@@ -48,7 +50,13 @@ def beacon_from_checkpoint(ckpt_dir: Union[str, os.PathLike]) -> Optional[Checkp
     if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= 0xFFFFFFFF:
         raise KvtoolError(f"{path}: beacon.interval must be an integer >= 1, got {c!r}")
     text = b.get("token")
-    return CheckpointBeacon(tok, c, text if isinstance(text, str) and not b.get("reused") else None)
+    cs = b.get("intervals")
+    if cs is not None:
+        if not isinstance(cs, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in cs):
+            raise KvtoolError(f"{path}: beacon.intervals must be a list of integers, got {cs!r}")
+        check_beacon_intervals(c, cs, f"{path}: ")
+        cs = tuple(cs) if len(cs) > 1 else None
+    return CheckpointBeacon(tok, c, text if isinstance(text, str) and not b.get("reused") else None, cs)
 
 
 def check_beacon_token(gguf: Union[str, os.PathLike], token_id: int, token: Optional[str] = None) -> None:
@@ -65,13 +73,14 @@ def check_beacon_token(gguf: Union[str, os.PathLike], token_id: int, token: Opti
 
 
 def write_beacon_keys(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], token_id: int, interval: int,
-                      token: Optional[str] = None) -> Path:
-    """``dst`` = ``src`` + ``kvtool.beacon.token_id/interval`` (other kvtool keys kept; tensors byte for byte)."""
+                      token: Optional[str] = None, intervals=None) -> Path:
+    """``dst`` = ``src`` + ``kvtool.beacon.token_id/interval`` (+ ``intervals`` when there are several; other
+    kvtool keys kept; tensors byte for byte)."""
     if int(interval) < 1:
         raise KvtoolError(f"beacon interval must be >= 1, got {interval}")
     check_beacon_token(src, token_id, token)
     keys = {K_VERSION: Value(T_U32, KVTOOL_VERSION), K_BEACON_TOKEN: Value(T_U32, int(token_id)),
-            K_BEACON_INTERVAL: Value(T_U32, int(interval))}
+            **beacon_interval_values(interval, intervals)}
     return rewrite_gguf(src, dst, keys, drop=lambda k: k.startswith(BEACON_PREFIX))
 
 
@@ -85,10 +94,12 @@ def convert_checkpoint(ckpt_dir: Union[str, os.PathLike], out: Union[str, os.Pat
         raise KvtoolError(f"{src}: no {KVTOOL_JSON} (not a `kvtool train beacons` checkpoint)")
     if mask is not None:
         with tempfile.TemporaryDirectory(prefix=".kvtool-beacon.", dir=dst.parent) as tmp:
-            mid = convert_model(src, mask, Path(tmp) / "masked.gguf", outtype, bc.token_id, bc.interval, echo)
+            mid = convert_model(src, mask, Path(tmp) / "masked.gguf", outtype, bc.token_id, bc.interval, echo,
+                                beacon_intervals=bc.intervals)
             check_beacon_token(mid, bc.token_id, bc.token)
             os.replace(mid, dst)
         return dst
     inspect_hf_dir(src)
     return via_hf_gguf(src, dst, outtype, echo, lambda base, d: write_beacon_keys(base, d, bc.token_id, bc.interval,
-                                                                                 bc.token), prefix=".kvtool-beacon.")
+                                                                                 bc.token, bc.intervals),
+                       prefix=".kvtool-beacon.")

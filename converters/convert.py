@@ -45,7 +45,8 @@ def via_hf_gguf(src: Path, dst: Path, outtype: Optional[str], echo: Echo, finish
 
 def convert_model(model: str | Path, mask: HeadsMask, out: Optional[str | Path] = None,
                   outtype: Optional[str] = None, beacon_token: Optional[int] = None,
-                  beacon_interval: Optional[int] = None, echo: Echo = lambda m: None) -> Path:
+                  beacon_interval: Optional[int] = None, echo: Echo = lambda m: None,
+                  beacon_intervals=None) -> Path:
     """Write the converted model and return its path."""
     src = Path(model)
     if not src.exists():
@@ -58,9 +59,10 @@ def convert_model(model: str | Path, mask: HeadsMask, out: Optional[str | Path] 
         if (mask.n_layer, mask.n_head_kv) != (hf.n_layer, hf.n_head_kv):
             raise shape_error((mask.n_layer, mask.n_head_kv), (hf.n_layer, hf.n_head_kv))
         return via_hf_gguf(src, dst, outtype, echo,
-                           lambda base, d: apply_mask(base, d, mask, beacon_token, beacon_interval))
+                           lambda base, d: apply_mask(base, d, mask, beacon_token, beacon_interval,
+                                                      beacon_intervals=beacon_intervals))
     if outtype is not None:
         raise KvtoolError("--outtype applies to Hugging Face directories; a GGUF's tensors are copied unchanged")
     with open_gguf(src) as h:
         model_shape(h)  # a clear error for a bad file before the mask check
-    return apply_mask(src, dst, mask, beacon_token, beacon_interval)
+    return apply_mask(src, dst, mask, beacon_token, beacon_interval, beacon_intervals=beacon_intervals)

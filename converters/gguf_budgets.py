@@ -23,6 +23,7 @@ from toolchain.errors import KvtoolError
 from toolchain.gguf_keys import (
     BEACON_PREFIX,
     K_BEACON_INTERVAL,
+    K_BEACON_INTERVALS,
     K_BEACON_TOKEN,
     K_ENABLED,
     K_HEAD_WINDOW,
@@ -119,6 +120,13 @@ class Budgets:
     scores: Optional[list[list[float]]] = None  # kvtool.heads.scores [layer][kv head], for load-time re-derivation
     per_layer: bool = False  # kvtool.heads.per_layer
     heads_window: Optional[int] = None  # kvtool.heads.window: W of heads compressed by a re-derived mask
+    beacon_intervals: Optional[tuple] = None  # supported intervals, ascending (None: only beacon_interval)
+
+    def supported_intervals(self) -> tuple:
+        """Every c this file's beacon runs at: ``kvtool.beacon.intervals``, else the one ``interval`` (or ())."""
+        if self.beacon_intervals:
+            return tuple(self.beacon_intervals)
+        return () if self.beacon_interval is None else (int(self.beacon_interval),)
 
 
 _INT_TYPES = (T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_U64, T_I64)
@@ -178,7 +186,8 @@ def _budgets(h: GGUFHeader) -> Optional[Budgets]:
     tok, interval = beacon_keys(h)
     scores, per_layer, heads_window = _score_keys(h, kv, get, head_window)
     return Budgets(enabled, sink, head_window, method, None if sparsity is None else float(sparsity), tok, interval,
-                   scores, per_layer, heads_window)
+                   scores, per_layer, heads_window,
+                   beacon_intervals=beacon_intervals_key(h, interval))
 
 
 def _score_keys(h: GGUFHeader, kv: dict, get, head_window) -> tuple[Optional[list[list[float]]], bool, Optional[int]]:
@@ -222,6 +231,41 @@ def beacon_keys(h: GGUFHeader) -> tuple[Optional[int], Optional[int]]:
         return None, None
     check_beacon(tok, interval, h.array_len("tokenizer.ggml.tokens"), f"{path}: ")
     return int(tok), int(interval)
+
+
+def beacon_intervals_key(h: GGUFHeader, interval: Optional[int]) -> Optional[tuple]:
+    """The file's ``kvtool.beacon.intervals`` (ascending), None without it; validated by
+    :func:`check_beacon_intervals` (it needs the beacon pair, and lists ``interval``)."""
+    s = h.kvs.get(K_BEACON_INTERVALS)
+    if s is None:
+        return None
+    if s.type != T_ARR or s.sub not in _INT_TYPES:
+        raise KvtoolError(f"{h.path}: {K_BEACON_INTERVALS} has the wrong type (expected a u32 array)")
+    if interval is None:
+        raise KvtoolError(f"{h.path}: {K_BEACON_INTERVALS} needs {K_BEACON_TOKEN} and {K_BEACON_INTERVAL}")
+    vals = [int(v) for v in h.value(K_BEACON_INTERVALS)]
+    check_beacon_intervals(interval, vals, f"{h.path}: ")
+    return tuple(vals)
+
+
+def check_beacon_intervals(interval: int, intervals, where: str = "") -> None:
+    """``intervals``: non-empty, strictly ascending, each in [1, 2^32), and holding the default ``interval``."""
+    vals = list(intervals)
+    if not vals or any(not 1 <= int(v) <= 0xFFFFFFFF for v in vals):
+        raise KvtoolError(f"{where}{K_BEACON_INTERVALS} must list intervals >= 1 and < 2^32, got {vals}")
+    if any(b <= a for a, b in zip(vals, vals[1:])):
+        raise KvtoolError(f"{where}{K_BEACON_INTERVALS} must be strictly ascending, got {vals}")
+    if int(interval) not in vals:
+        raise KvtoolError(f"{where}{K_BEACON_INTERVALS} {vals} does not hold {K_BEACON_INTERVAL} = {interval}")
+
+
+def beacon_interval_values(interval: int, intervals=None) -> dict[str, Value]:
+    """The interval keys of a beacon: ``interval`` always, ``intervals`` only when the beacon has more than one."""
+    keys = {K_BEACON_INTERVAL: Value(T_U32, int(interval))}
+    if intervals is not None and len(intervals) > 1:
+        check_beacon_intervals(interval, intervals)
+        keys[K_BEACON_INTERVALS] = Value(T_ARR, [int(v) for v in intervals], T_U32)
+    return keys
 
 
 def check_beacon(token_id: int, interval: int, n_vocab: Optional[int], where: str = "") -> None:
@@ -328,7 +372,7 @@ def rewrite_gguf(src: str | os.PathLike, dst: str | os.PathLike, set_keys: dict[
 
 
 def budget_keys(mask: HeadsMask, beacon_token: Optional[int] = None, beacon_interval: Optional[int] = None,
-                enabled: bool = True) -> dict[str, Value]:
+                enabled: bool = True, beacon_intervals=None) -> dict[str, Value]:
     """The kvtool keys for a mask (and optional beacon), typed as docs/architecture.md §2 fixes them."""
     mask.validate()
     keys = {
@@ -348,7 +392,7 @@ def budget_keys(mask: HeadsMask, beacon_token: Optional[int] = None, beacon_inte
     if beacon_token is not None:
         check_beacon(beacon_token, beacon_interval, None)
         keys[K_BEACON_TOKEN] = Value(T_U32, int(beacon_token))
-        keys[K_BEACON_INTERVAL] = Value(T_U32, int(beacon_interval))
+        keys.update(beacon_interval_values(beacon_interval, beacon_intervals))
     return keys
 
 
@@ -369,7 +413,7 @@ def score_keys(mask: HeadsMask) -> dict[str, Value]:
 
 def apply_mask(src: str | os.PathLike, dst: str | os.PathLike, mask: HeadsMask,
                beacon_token: Optional[int] = None, beacon_interval: Optional[int] = None,
-               enabled: bool = True, fsync: bool = False) -> Path:
+               enabled: bool = True, fsync: bool = False, beacon_intervals=None) -> Path:
     """Write ``dst`` = ``src`` + the mask's kvtool keys. Earlier budget keys are replaced; earlier beacon keys are
     kept unless new ones are given (beacons belong to the trained weights, the mask to this conversion)."""
     new_beacon = beacon_token is not None
@@ -384,7 +428,7 @@ def apply_mask(src: str | os.PathLike, dst: str | os.PathLike, mask: HeadsMask,
         raise shape_error((mask.n_layer, mask.n_head_kv), (shape.n_layer, shape.n_head_kv))
     if new_beacon:
         check_beacon(beacon_token, beacon_interval if beacon_interval is not None else 1, shape.n_vocab)
-    keys = budget_keys(mask, beacon_token, beacon_interval, enabled)
+    keys = budget_keys(mask, beacon_token, beacon_interval, enabled, beacon_intervals)
 
     def drop(k: str) -> bool:
         if not k.startswith(PREFIX):

@@ -32,6 +32,7 @@ K_KV_WINDOW = "kvtool.kv.window"
 BEACON_PREFIX = "kvtool.beacon."
 K_BEACON_TOKEN = "kvtool.beacon.token_id"
 K_BEACON_INTERVAL = "kvtool.beacon.interval"
+K_BEACON_INTERVALS = "kvtool.beacon.intervals"  # every c the beacon was trained for (--beacon-interval picks one)
 
 
 class CacheType(NamedTuple):

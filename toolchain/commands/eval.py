@@ -46,10 +46,13 @@ QUANT_VARIANTS = tuple(n for n in NAMES if "+" in n)  # stock+q8_0, stock+q4_0, 
               help="Perplexity and KL(full||mixed) over this text instead of a task ('verne': "
                    "reasoning_gym/data/in_the_year_2889.txt).")
 @click.option("--ppl-tokens", type=int, default=None, help="With --ppl: use only the first N tokens of the text.")
+@click.option("--beacon-interval", default=None, metavar="C|auto",
+              help="Beacon variants: run at interval C (one the file lists), or 'auto': --kv-budget then caps the "
+                   "beacon loop's live KV.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of the Markdown table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ubatch, cache_type, kv_budget, threads,
-             gpu_layers, ppl, ppl_tokens, as_json, quiet):
+             gpu_layers, ppl, ppl_tokens, beacon_interval, as_json, quiet):
     """Evaluate GGUF files (full vs mixed KV) on a verifiable task, or measure perplexity/KL with --ppl."""
     from .. import eval as ev
     from ..eval.records import check_writable
@@ -88,11 +91,17 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
         return
     if task is None:
         raise KvtoolError("give --task NAME (or --ppl FILE.txt)")
+    from ..runtime.beacon_interval import parse_interval
+    from .inspect import parse_size
+
+    beacon_interval = parse_interval(beacon_interval)
+    budget = parse_size(kv_budget) if kv_budget is not None and beacon_interval == "auto" else None
     if ppl_tokens is not None:
         raise KvtoolError("--ppl-tokens goes with --ppl")
     res = ev.run_eval(models, task, n=n, seed=seed, variants=vlist, max_tokens=max_tokens, n_ctx=n_ctx,
                       n_ubatch=n_ubatch, cache_type=cache_type or "f16", threads=threads, out=out, plot=plot,
-                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers, kv_budget=kv_budget)
+                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers, kv_budget=kv_budget,
+                      beacon_interval=beacon_interval, beacon_budget=budget)
     click.echo(json.dumps(res, indent=1) if as_json else ev.markdown(res["rows"]))
     if out:
         _echo(f"wrote {out} (records: {res['records']})" + (f" and {plot}" if plot else ""))

@@ -54,20 +54,48 @@ def load_options(f):
         click.option("--flash-attn/--no-flash-attn", "flash_attn", default=None,
                      help="Default: on when the file has budgets (without it V rows are padded)."),
         gpu_layers_option(),
+        *beacon_options(),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
+def beacon_options() -> list:
+    """``--beacon-interval C|auto``. Its value goes to the click context (``ctx.meta``), so the commands that take
+    ``load_options`` pass it on through :func:`load_model` without a parameter of their own. With ``auto`` the
+    same ``--kv-budget`` caps the beacon loop's live KV instead of choosing a sparsity."""
+
+    def keep(ctx, param, value):
+        ctx.meta["kvtool.beacon_interval"] = value
+        return value
+
+    return [
+        click.option("--beacon-interval", "beacon_interval", default=None, metavar="C|auto", expose_value=False,
+                     callback=keep,
+                     help="Beacon files: run at interval C (one the file lists), or 'auto': start at the smallest and "
+                          "switch to a larger one when the live KV would pass --kv-budget."),
+    ]
+
+
+def beacon_interval_setting() -> Optional[str]:
+    """The ``--beacon-interval`` value of the running command (None outside one)."""
+    ctx = click.get_current_context(silent=True)
+    return (ctx.meta if ctx is not None else {}).get("kvtool.beacon_interval")
+
+
 def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], cache_type: str, no_mixed: bool,
                flash_attn: Optional[bool], seed: int = 0, no_beacons: bool = False, gpu_layers=None,
                kv_budget: Optional[str] = None):
     from ..runtime.model import Model
+    from ..validate import parse_size
 
+    c = beacon_interval_setting()
+    budget = parse_size(kv_budget) if c == "auto" and kv_budget is not None else None
     return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
                       mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed,
-                      beacons=False if no_beacons else None, n_gpu_layers=gpu_layers, kv_budget=kv_budget)
+                      beacons=False if no_beacons else None, n_gpu_layers=gpu_layers, beacon_interval=c,
+                      beacon_budget=budget, kv_budget=None if c == "auto" else kv_budget)
 
 
 def fmt_rate(x: Optional[float]) -> str:
@@ -96,6 +124,8 @@ def kv_summary(kv: dict) -> str:
     if b:
         s += (f" · beacons every {b['interval']}: {b['live_cells']} live cells (peak {b['peak_live_cells']}) "
               f"for {b['positions']} positions")
+        if b.get("adaptive"):
+            s += f" · auto interval within {b['budget_cells']} cells ({len(b.get('switches') or [])} switches)"
     return s
 
 

@@ -59,7 +59,8 @@ def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type
         "method": b.method if b else None, "sparsity": b.sparsity if b else None,
         "scores": bool(b and b.scores is not None),
         "sink": b.sink if b else None, "windows": sorted({w for row in windows for w in row if w > 0}) if windows else [],
-        "beacon": {"token_id": b.beacon_token_id, "interval": b.beacon_interval} if b and b.beacon_token_id is not None else None,
+        "beacon": {"token_id": b.beacon_token_id, "interval": b.beacon_interval,
+                   "intervals": list(b.supported_intervals())} if b and b.beacon_token_id is not None else None,
         "per_layer": per_layer,
         "n_ctx": plan.n_ctx, "n_ubatch": n_ubatch, "n_seq": n_seq, "cache_type": cache_type, "flash_attn": flash_attn,
         "stock_bytes": plan.stock_bytes, "mixed_bytes": plan.mixed_bytes, "full_bytes": plan.full_bytes,
@@ -251,7 +252,9 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_la
         click.echo("            head scores stored: any sparsity at load time (--kv-budget, kvtool.kv.sparsity)")
         click.echo("layers      " + " ".join(f"{p['full']}F{p['compressed']}c" for p in r["per_layer"]))
     if r["beacon"]:
-        click.echo(f"beacon      token {r['beacon']['token_id']}, every {r['beacon']['interval']} tokens")
+        cs = r["beacon"]["intervals"]
+        click.echo(f"beacon      token {r['beacon']['token_id']}, every {r['beacon']['interval']} tokens"
+                   + (f" (trained for {', '.join(map(str, cs))}: --beacon-interval C|auto)" if len(cs) > 1 else ""))
     click.echo(f"KV @ {r['n_ctx']} ctx, ubatch {r['n_ubatch']}, {r['n_seq']} seq, {r['cache_type']}"
                f"{'' if r['flash_attn'] else ', FA off'}:")
     click.echo(f"  full cache  {_mib(r['stock_bytes'])}")

@@ -10,6 +10,17 @@ import click
 from ..errors import KvtoolError
 
 
+def parse_intervals(text: str) -> tuple:
+    """``"16"`` -> (16,); ``"8,16,32"`` -> (8, 16, 32) sorted; one error line naming a bad value."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise KvtoolError(f"--interval must be >= 1 (one integer or a list such as 8,16,32), got {part!r}")
+        out.append(int(part))
+    return tuple(sorted(set(out)))
+
+
 def _require_extras(full: bool) -> None:
     try:
         import torch  # noqa: F401
@@ -28,7 +39,9 @@ def _require_extras(full: bool) -> None:
               help="Hugging Face model directory, or a .gguf file (dequantized by transformers).")
 @click.option("--task", "tasks", multiple=True, default=("chain_sum",), show_default=True,
               help="reasoning-gym task, repeatable; options as name:key=value,key=value.")
-@click.option("--interval", "-c", type=int, default=16, show_default=True, help="A beacon every C generated tokens.")
+@click.option("--interval", "-c", default="16", show_default=True,
+              help="A beacon every C generated tokens; a list such as 8,16,32 trains one beacon for all of them "
+                   "(each sequence draws its c) and the file can run at any of them (--beacon-interval at load).")
 @click.option("--steps", type=int, default=100, show_default=True, help="Optimiser steps.")
 @click.option("--batch", type=int, default=4, show_default=True, help="Problems per step.")
 @click.option("--group", type=int, default=2, show_default=True, help="Teacher rollouts per problem.")
@@ -77,11 +90,12 @@ def beacons_cmd(model, tasks, interval, steps, batch, group, max_new_tokens, tem
         --steps 500 --batch 8 --group 4 --max-new-tokens 512 -o beacon-ckpt
       kvtool convert beacon-ckpt -o beacon.gguf
     """
+    cs = parse_intervals(interval)
     _require_extras(full)
     from ..train.beacons import BeaconTrainConfig
     from ..train.beacons import train as run_train
 
-    cfg = BeaconTrainConfig(model=model, tasks=tuple(tasks), interval=interval, steps=steps, batch=batch, group=group,
+    cfg = BeaconTrainConfig(model=model, tasks=tuple(tasks), interval=cs[0], intervals=cs, steps=steps, batch=batch, group=group,
                             max_new_tokens=max_new_tokens, temperature=temperature, lr=lr, beacon_lr=beacon_lr,
                             weight_decay=weight_decay, lr_schedule=lr_schedule, warmup=warmup, full=full,
                             lora_r=lora_r, lora_alpha=lora_alpha, reuse_token=reuse_token, mask=mask,

@@ -218,10 +218,11 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
              n_ubatch: int = 512, cache_type: str = "f16", threads: Optional[int] = None,
              out: Optional[str | os.PathLike] = None, plot: Optional[str | os.PathLike] = None,
              progress: bool = True, echo: Echo = lambda m: None, gpu_layers=None,
-             kv_budget: Optional[str] = None) -> dict:
+             kv_budget: Optional[str] = None, beacon_interval=None, beacon_budget: Optional[int] = None) -> dict:
     """Evaluate every (file, variant) on ``n`` problems of ``task``; returns the result dict (also written to
     ``out`` as JSON when given, with the per-problem JSONL next to it). ``gpu_layers``: N, "all" or None (the
-    runtime's default), resolved once after the input checks."""
+    runtime's default), resolved once after the input checks. ``beacon_interval``/``beacon_budget``: what the beacon
+    variants load with (``Model.load``; C, or "auto" within the budget in bytes)."""
     if n < 1:
         raise KvtoolError(f"--n must be >= 1, got {n}")
     if max_tokens < 1:
@@ -255,6 +256,10 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
         log_f = open(log_p, "a", encoding="utf-8")
     all_recs: dict[str, list[dict]] = {}
     gpu_layers = resolve_gpu_layers(gpu_layers)
+
+    def bkw(v: Variant) -> dict:
+        return {"beacon_interval": beacon_interval, "beacon_budget": beacon_budget} if v.beacons else {}
+
     try:
         for v in vs:
             ctx_len = n_ctx
@@ -265,18 +270,21 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                     # prompt lengths need the model's tokenizer: load once to measure them
                     model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
                                        cache_type=vcache, mixed=v.mixed, beacons=v.beacons,
-                                       n_gpu_layers=gpu_layers)
+                                       n_gpu_layers=gpu_layers, **bkw(v))
                     longest = max(len(_prompt_tokens(model, p)[0]) for p in problems)
                     ctx_len = longest + max_tokens + 1
                     model.close()
                     model = None
                 key = run_key(v, task, seed, max_tokens, ctx_len, n_ubatch, vcache, kv_budget)
+                if v.beacons and (beacon_interval is not None or beacon_budget is not None):
+                    key = key + f":c={beacon_interval}:b={beacon_budget}"  # other records of the same file stay valid
                 recs: list[Optional[dict]] = [done.get((key, p.index, qhash(p))) for p in problems]
                 todo = [i for i, r in enumerate(recs) if r is None]
                 if todo:
                     model = Model.load(v.path, n_ctx=ctx_len, n_threads=threads, n_ubatch=n_ubatch,
-                                       cache_type=vcache, mixed=v.mixed, beacons=v.beacons,
-                                       n_gpu_layers=gpu_layers, kv_budget=kv_budget)
+                                       cache_type=vcache, mixed=v.mixed, beacons=v.beacons, n_gpu_layers=gpu_layers,
+                                       kv_budget=None if v.beacons and beacon_interval == "auto" else kv_budget,
+                                       **bkw(v))
                     stats = model.kv_stats()
                     bpc = bytes_per_cell(model)
                     bar = _progress(len(todo), f"{v.label}", progress, skipped=n - len(todo))
@@ -309,7 +317,8 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                                    "completion": g["text"]}
                             if v.beacons:
                                 rec["beacons"] = {k: g["beacon_stats"][k] for k in
-                                                  ("interval", "beacons", "evicted", "peak_live_cells", "next_pos")}
+                                                  ("interval", "beacons", "evicted", "peak_live_cells", "next_pos",
+                                                   "budget_cells", "switches")}
                             if metric_fn is not None:
                                 try:
                                     rec["metrics"] = {k: float(x) for k, x in metric_fn(p, g["text"]).items()}
@@ -337,6 +346,15 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
         if log_f is not None:
             log_f.close()
     rows = [summarize(v, all_recs[v.label]) for v in vs]
+    for v, row in zip(vs, rows):
+        if v.beacons and beacon_interval is not None:
+            row["beacon_interval"] = beacon_interval  # asked for; "auto" rows also report the switches
+        if v.beacons and beacon_interval == "auto":
+            recs = all_recs[v.label]
+            row["kv_budget_bytes"] = beacon_budget
+            row["budget_cells"] = recs[0]["beacons"].get("budget_cells") if recs else None
+            row["switched_frac"] = (sum(1 for r in recs if r["beacons"].get("switches")) / len(recs)) if recs else None
+            row["final_intervals"] = sorted({r["beacons"]["interval"] for r in recs})
     result = {"kvtool_eval": 1, "task": task, "n": n, "seed": seed, "max_tokens": max_tokens, "n_ctx": n_ctx,
               "kv_budget": kv_budget,
               "n_ubatch": n_ubatch, "cache_type": cache_type, "threads": threads, "machine": machine_info(),

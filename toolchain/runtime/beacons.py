@@ -51,10 +51,14 @@ def _unwrap(model):
 
 
 def beacon_config(model) -> Optional[tuple[int, int]]:
-    """(token_id, interval) from a ``Model``'s budgets (``kvtool.beacon.*`` keys), or None."""
+    """(token_id, interval) from a ``Model``'s budgets (``kvtool.beacon.*`` keys; the interval chosen at load
+    with ``beacon_interval=``), or None."""
     b = getattr(model, "budgets", None)
     if b is None or getattr(b, "beacon_token_id", None) is None:
         return None
+    sched = model.beacon_schedule() if hasattr(model, "beacon_schedule") else None
+    if sched is not None:
+        return sched.token_id, sched.interval
     return int(b.beacon_token_id), int(b.beacon_interval)
 
 
@@ -72,7 +76,10 @@ class BeaconGenerator:
     >>> g.stats.peak_live_cells
     """
 
-    def __init__(self, model, token_id: int, interval: int, seq: int = 0):
+    def __init__(self, model, token_id: int, interval: int, seq: int = 0, intervals: Sequence[int] = (),
+                 budget_cells: Optional[int] = None):
+        """``intervals`` + ``budget_cells``: the adaptive schedule (``runtime/beacon_interval.py``), starting at
+        ``interval``; without them every chunk has ``interval`` tokens."""
         import llama_cpp as lc
 
         self.lc = lc
@@ -83,7 +90,10 @@ class BeaconGenerator:
         if token_id is None or not 0 <= int(token_id) < self.n_vocab:
             raise KvtoolError(f"beacon token id {token_id} is outside the model's vocabulary of {self.n_vocab}")
         self.token_id, self.interval, self.seq = int(token_id), int(interval), int(seq)
-        self.schedule = BeaconSchedule(self.token_id, self.interval)
+        if budget_cells is not None and int(budget_cells) < 2:
+            raise KvtoolError(f"beacon budget must be >= 2 cells, got {budget_cells}")
+        self.schedule = BeaconSchedule(self.token_id, self.interval, tuple(int(c) for c in intervals),
+                                       None if budget_cells is None else int(budget_cells))
         self.n_ctx = int(self.llm.n_ctx())
         self.stats = BeaconStats(self.token_id, self.interval)
         self.recorded: list = []  # (pos, token, logits) with record=True
@@ -137,13 +147,17 @@ def generate_with_beacons(model, prompt: Union[str, Sequence[int]], max_tokens: 
     ``model.last_stats`` (a ``GenStats``) and ``model.beacon_stats`` (a :class:`BeaconStats`) describe the run.
     """
     llm, owner = _unwrap(model)
+    sched = None
     if token_id is None or interval is None:
         cfg = beacon_config(owner) if owner is not None else None
         if cfg is None:
             raise KvtoolError("the model has no kvtool.beacon keys: give token_id= and interval=")
+        if token_id is None and interval is None:
+            sched = owner.beacon_schedule()  # the load's choice, adaptive included
         token_id = cfg[0] if token_id is None else token_id
         interval = cfg[1] if interval is None else interval
-    gen = BeaconGenerator(llm, token_id, interval)  # validates the id and the interval
+    gen = BeaconGenerator(llm, token_id, interval, intervals=sched.intervals if sched else (),
+                          budget_cells=sched.budget_cells if sched else None)  # validates the id and the interval
     if isinstance(prompt, str):
         tokens = owner.tokenize(prompt) if owner is not None else llm.tokenize(prompt.encode("utf-8"), special=True)
     else:

@@ -66,10 +66,18 @@ class Control:
 
 @dataclass(frozen=True)
 class BeaconSchedule:
-    """A beacon (``token_id``) after every ``interval`` visible tokens; the chunk behind it leaves the cache."""
+    """A beacon (``token_id``) after every ``interval`` visible tokens; the chunk behind it leaves the cache.
+    With ``budget_cells`` the interval is adaptive over ``intervals`` (``runtime/beacon_interval.py``): it starts at
+    ``interval`` and moves up at chunk boundaries so that the live cells stay within the budget."""
 
     token_id: int
     interval: int
+    intervals: tuple = ()
+    budget_cells: Optional[int] = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.budget_cells is not None
 
 
 def peak_bound(n_prompt: int, n_gen: int, interval: int) -> int:
@@ -169,15 +177,32 @@ def _reuse_prefix(llm, tokens: list, st: GenStats) -> tuple[int, bool]:
 class _BeaconState:
     """The beacon loop's cache bookkeeping for one generation: positions, the open chunk, live cells."""
 
-    def __init__(self, llm, schedule: BeaconSchedule, bs: BeaconStats, seq: int):
+    def __init__(self, llm, schedule: BeaconSchedule, bs: BeaconStats, seq: int, horizon: int = 0):
         import llama_cpp as lc
 
         self.lc, self.llm, self.c, self.bs, self.seq = lc, llm, schedule.interval, bs, seq
         self.token_id = schedule.token_id
         self.mem = lc.llama_get_memory(llm._ctx.ctx)
         self.n_ctx = llm.n_ctx()
+        self.schedule, self.horizon = schedule, int(horizon)
+        # the live cells may not pass the context, nor an adaptive schedule's budget (a hard cap)
+        self.cap = self.n_ctx if schedule.budget_cells is None else min(self.n_ctx, int(schedule.budget_cells))
+        bs.budget_cells = schedule.budget_cells
         self.measure = True
         self.chunk_start = self.in_chunk = 0
+
+    def _adapt(self) -> None:
+        """Adaptive schedule, at a chunk boundary: the interval of the next chunk (never smaller than this one)."""
+        if not self.schedule.adaptive:
+            return
+        from .beacon_interval import next_interval
+
+        bs = self.bs
+        c = next_interval(self.schedule.intervals or (self.c,), self.c, bs.live_cells,
+                          self.horizon - bs.generated_tokens, int(self.schedule.budget_cells))
+        if c != self.c:
+            bs.switches.append([int(bs.generated_tokens), int(c)])
+            self.c = bs.interval = c
 
     def decode(self, items: list, record: Optional[list]) -> None:
         bs = self.bs
@@ -203,6 +228,7 @@ class _BeaconState:
         for i in range(0, len(prompt), n_batch):
             self.decode([(t, i + j) for j, t in enumerate(prompt[i:i + n_batch])], record)
         self.bs.next_pos = self.chunk_start = len(prompt)
+        self._adapt()
 
     def step(self, tok: int, record: Optional[list]) -> bool:
         """Decode ``tok`` (and the beacon when it closes a chunk, then evict the chunk); False when the live cells
@@ -211,7 +237,7 @@ class _BeaconState:
         items = [(tok, pos)]
         if self.in_chunk + 1 == self.c:  # the chunk is full: its beacon goes in the same batch, right after it
             items.append((self.token_id, pos + 1))
-        if bs.live_cells + len(items) > self.n_ctx:
+        if bs.live_cells + len(items) > self.cap:
             return False
         self.decode(items, record)
         bs.next_pos = pos + len(items)
@@ -224,6 +250,7 @@ class _BeaconState:
             bs.evicted += p1 - p0
             bs.live_cells -= p1 - p0
             self.chunk_start, self.in_chunk = bs.next_pos, 0
+            self._adapt()
         else:
             self.in_chunk += 1
         return True
@@ -231,7 +258,7 @@ class _BeaconState:
 
 # ---------------------------------------------------------------------------------------------- the core
 def _prefill(llm, prompt: list, beacon: Optional[BeaconSchedule], st: GenStats, bs: Optional[BeaconStats],
-             record: Optional[list], seq: int) -> Optional[_BeaconState]:
+             record: Optional[list], seq: int, horizon: int = 0) -> Optional[_BeaconState]:
     """Bring the prompt into the cache: the beacon path from an empty sequence, the plain path after the reusable
     prefix. Returns the beacon bookkeeping (None on the plain path)."""
     st.prompt_tokens = len(prompt)
@@ -244,7 +271,9 @@ def _prefill(llm, prompt: list, beacon: Optional[BeaconSchedule], st: GenStats, 
     bs = bs if bs is not None else BeaconStats(beacon.token_id, beacon.interval)
     bs.prompt_tokens = len(prompt)
     st.cached_tokens, st.prompt_eval_tokens = 0, len(prompt)
-    bstate = _BeaconState(llm, beacon, bs, seq)
+    if beacon.budget_cells is not None and len(prompt) + 1 > beacon.budget_cells:
+        raise KvtoolError(f"prompt is {len(prompt)} tokens but the KV budget holds {beacon.budget_cells} cells")
+    bstate = _BeaconState(llm, beacon, bs, seq, horizon)
     bstate.prefill(prompt, record)
     return bstate
 
@@ -286,7 +315,9 @@ def generate_step(llm, prompt: Sequence[int], max_tokens: Optional[int] = None, 
     if forced is not None:
         forced = [int(t) for t in forced]
         limit = len(forced) if limit is None else min(limit, len(forced))
-    bstate = _prefill(llm, prompt, beacon, st, beacon_stats, record, seq)
+    # what is left to generate, for an adaptive beacon schedule: max_tokens, else the plain path's room
+    horizon = limit if limit is not None else max(1, n_ctx - len(prompt))
+    bstate = _prefill(llm, prompt, beacon, st, beacon_stats, record, seq, horizon)
     vocab = llm._model.vocab
     ctx = llm._ctx.ctx
     chain = None if forced is not None else make_sampler(llm, sampler, [beacon.token_id] if beacon else ())
@@ -423,9 +454,11 @@ def greedy(model, tokens: Sequence[int], max_tokens: int, stops: Sequence[str] =
 def greedy_beacons(model, tokens: Sequence[int], max_tokens: int, stops: Sequence[str] = ()) -> dict:
     """:func:`greedy` through the beacon loop: the beacon id banned, a beacon after every c visible tokens and the
     chunk behind it evicted. Adds the loop's counters (``beacon_stats``)."""
-    b = model.budgets
-    g, _, bs = _greedy_run(model, tokens, max_tokens, stops,
-                           BeaconSchedule(int(b.beacon_token_id), int(b.beacon_interval)))
+    sched = model.beacon_schedule() if hasattr(model, "beacon_schedule") else None
+    if sched is None:
+        b = model.budgets
+        sched = BeaconSchedule(int(b.beacon_token_id), int(b.beacon_interval))
+    g, _, bs = _greedy_run(model, tokens, max_tokens, stops, sched)
     g["n_decodes"] = max(0, len(g["ids"]) - 1) + bs.beacons
     g["beacon_stats"] = bs.as_dict()
     return g

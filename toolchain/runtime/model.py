@@ -16,7 +16,8 @@ needs on top:
   stale cells;
 * files with ``kvtool.beacon.*`` keys generate through the core's beacon path: every c tokens a beacon is decoded
   and the chunk behind it leaves the cache, so generation can run past ``n_ctx`` while the live cells fit
-  (``Model.load(..., beacons=False)`` opts out);
+  (``Model.load(..., beacons=False)`` opts out). ``beacon_interval=C`` picks one of the intervals the file lists,
+  ``"auto"`` adapts it to ``beacon_budget`` bytes of live KV (``runtime/beacon_interval.py``);
 * ``kv_stats()`` measures the allocated KV bytes (``kvtool_kv_bytes``) and compares them with what a full cache
   of the same settings would take (``memory.predict``); ``last_stats`` times every generation.
 
@@ -104,6 +105,22 @@ def _check_memory(dims, budgets, n_ctx: int, n_ubatch: int, cache_type: str, fla
                           f"{total / 2**30:.1f} GiB of memory: lower --n-ctx")
 
 
+def _beacon_choice(m, requested, budget_bytes):
+    """The loaded model's beacon interval (``beacon_interval.choose``); ``auto`` sizes its budget in cells from this
+    load's KV layout (per-cell bytes of the full heads, the rings as a fixed part)."""
+    from .beacon_interval import choose
+    from .kv_usage import bytes_per_cell
+    from .library import kv_bytes
+
+    b = m.budgets
+    bpc = fixed = None
+    if requested == "auto":
+        bpc = int(round(bytes_per_cell(m)[0]))
+        fixed = int(kv_bytes(m.llama._ctx.ctx)[2])
+    return choose(b.supported_intervals(), requested, int(b.beacon_interval), f"{m.path}: ", budget_bytes,
+                  bpc, fixed or 0)
+
+
 def _check_path(path: Union[str, os.PathLike]) -> Path:
     from ..validate import check_input_path
 
@@ -154,6 +171,7 @@ class Model:
         self.n_threads = llm.n_threads
         self.last_stats: Optional[GenStats] = None
         self.beacons = False  # route generation through the beacon loop (set by load)
+        self.beacon_choice = None  # beacon_interval.IntervalChoice (set by load for files with beacon keys)
         self.n_gpu_layers: Union[int, str] = 0  # resolved layers offloaded: an int or "all" (set by load)
         self._formatter = None
         self._control = Control(self)  # stop(), close() and newer calls, as the core sees them
@@ -165,7 +183,8 @@ class Model:
              flash_attn: Optional[bool] = None, seed: int = 0, verbose: bool = False,
              beacons: Optional[bool] = None, n_gpu_layers: Union[None, int, str] = None,
              sparsity: Optional[float] = None, window: Optional[int] = None, sink: Optional[int] = None,
-             kv_budget: Union[None, int, str] = None) -> "Model":
+             kv_budget: Union[None, int, str] = None,
+             beacon_interval: Union[None, int, str] = None, beacon_budget: Optional[int] = None) -> "Model":
         """Load a GGUF.
 
         ``mixed``: None follows the file's ``kvtool.kv.enabled``; True/False override it for this load only.
@@ -174,6 +193,9 @@ class Model:
         (ring cells = pad256(window + sink + n_ubatch)), so small machines want a small ``n_ubatch``.
         ``beacons``: None runs the beacon loop (``toolchain.runtime.beacons``) when the file has
         ``kvtool.beacon.*`` keys; False ignores them; True requires them.
+        ``beacon_interval``: None runs the file's ``kvtool.beacon.interval``; an int must be one the file lists
+        (``kvtool.beacon.intervals``); ``"auto"`` starts at the smallest and moves up when the live KV would pass
+        ``beacon_budget`` bytes (a hard cap as well). Both need a file with beacon keys.
         ``n_gpu_layers``: an int >= 0 or "all"; None means all when the runtime has a GPU device, else 0. GPU layers
         asked of a CPU-only runtime give one warning line and a CPU run (``toolchain.runtime.offload``).
         ``sparsity``/``window``/``sink``: rebuild the file's budgets at load time from its ``kvtool.heads.scores``
@@ -243,6 +265,16 @@ class Model:
         has_beacons = budgets is not None and budgets.beacon_token_id is not None
         if beacons and not has_beacons:
             raise KvtoolError(f"{p}: beacons=True but the file has no kvtool.beacon keys")
+        from .beacon_interval import choose, parse_budget, parse_interval
+
+        want_c, want_budget = parse_interval(beacon_interval), parse_budget(beacon_budget)
+        if want_c is not None and not has_beacons:
+            raise KvtoolError(f"{p}: beacon interval {want_c} asked for, but the file has no kvtool.beacon keys")
+        if want_c is not None and beacons is False:
+            raise KvtoolError("a beacon interval needs the beacon loop: drop beacons=False (--no-beacons)")
+        if has_beacons:  # a bad interval, or auto without a budget, fails before anything loads
+            choose(budgets.supported_intervals(), want_c, int(budgets.beacon_interval), f"{p}: ", want_budget,
+                   1 if want_c == "auto" else None)
         quantized = cache_type not in ("f16", "f32", "bf16")
         # default ON with budgets (mixed V savings need it) and for a quantized cache (llama.cpp needs it for V)
         fa = (has_budgets or quantized) if flash_attn is None else bool(flash_attn)
@@ -261,6 +293,12 @@ class Model:
         m = cls(llm, p, budgets, dims, mixed, fa, cache_type, int(n_ctx))
         m.beacons = has_beacons if beacons is None else bool(beacons)
         m.n_gpu_layers = gpu_layers
+        if has_beacons:
+            try:
+                m.beacon_choice = _beacon_choice(m, want_c, want_budget)
+            except KvtoolError:
+                m.close()
+                raise
         return m
 
     def close(self) -> None:
@@ -332,14 +370,32 @@ class Model:
         now, the most it held, and how many positions it spanned (prompt + visible tokens + beacons)."""
         if not self.beacons:
             return None
-        token_id, interval = int(self.budgets.beacon_token_id), int(self.budgets.beacon_interval)
+        sched = self.beacon_schedule()
+        token_id, interval = sched.token_id, sched.interval
+        extra = {"adaptive": True, "intervals": list(sched.intervals), "budget_cells": sched.budget_cells} \
+            if sched.adaptive else {}
         bs = getattr(self, "beacon_stats", None)
         if bs is None:
             return {"token_id": token_id, "interval": interval, "live_cells": 0, "peak_live_cells": 0,
-                    "positions": 0, "beacons": 0, "evicted": 0}
-        return {"token_id": token_id, "interval": interval, "live_cells": bs.live_cells,
+                    "positions": 0, "beacons": 0, "evicted": 0, **extra}
+        if sched.adaptive:
+            extra["switches"] = list(bs.switches)
+        return {"token_id": token_id, "interval": bs.interval, "live_cells": bs.live_cells,
                 "peak_live_cells": bs.peak_live_cells, "positions": bs.next_pos, "beacons": bs.beacons,
-                "evicted": bs.evicted}
+                "evicted": bs.evicted, **extra}
+
+    def beacon_schedule(self):
+        """The beacon schedule generation runs with (``decode.BeaconSchedule``): the file's token, the interval
+        chosen at load, and for ``beacon_interval="auto"`` the supported intervals and the budget in cells.
+        None when the file has no beacon keys."""
+        b = self.budgets
+        if b is None or b.beacon_token_id is None:
+            return None
+        ch = self.beacon_choice
+        if ch is None:
+            return BeaconSchedule(int(b.beacon_token_id), int(b.beacon_interval))
+        return BeaconSchedule(int(b.beacon_token_id), int(ch.interval), tuple(ch.intervals) if ch.adaptive else (),
+                              ch.budget_cells if ch.adaptive else None)
 
     # ------------------------------------------------------------------ generation
     def stop(self) -> None:
@@ -453,7 +509,7 @@ class Model:
         self.last_stats = rec
         beacon, bs = None, None
         if self.beacons:  # evicts each chunk behind its beacon, may run past n_ctx while the live cells fit
-            beacon = BeaconSchedule(int(self.budgets.beacon_token_id), int(self.budgets.beacon_interval))
+            beacon = self.beacon_schedule()
             bs = self.beacon_stats = BeaconStats(beacon.token_id, beacon.interval)
         it = stream_generate(self._llm, tokens, max_tokens, settings, stops, beacon, rec, bs, self._control)
         return it if stream else "".join(it)

@@ -64,6 +64,8 @@ class BeaconStats:
     peak_live_cells: int = 0
     peak_full_cells: Optional[int] = None
     finish_reason: str = ""
+    budget_cells: Optional[int] = None  # adaptive interval: the live-cell budget
+    switches: list = field(default_factory=list)  # adaptive interval: [visible tokens so far, new c] per switch
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

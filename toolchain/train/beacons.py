@@ -42,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -64,12 +64,15 @@ from .attention import (
     use_slot_positions,
 )
 from .common import (
+    all_reduce_,
     batch_indices,
     checkpoint_path,
     clipped_objective,
     config_mismatch,
+    dist_rank_world,
     eos_ids,
     group_advantages,
+    init_dist,
     left_pad,
     load_model,
     load_state,
@@ -102,6 +105,9 @@ class BeaconTrainConfig:
     model: str
     tasks: tuple = ("chain_sum",)
     interval: int = DEFAULT_INTERVAL
+    # several intervals: each training sequence draws one (stateless in seed, step and row), and the exported
+    # checkpoint lists them all, so one file serves any of them at load time (``interval`` becomes the smallest)
+    intervals: tuple = ()
     steps: int = 100
     batch: int = 4  # problems per step
     group: int = 2  # teacher rollouts per problem
@@ -135,6 +141,13 @@ class BeaconTrainConfig:
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
+        self.intervals = tuple(sorted({int(c) for c in self.intervals}))
+        if any(c < 1 for c in self.intervals):
+            raise KvtoolError(f"--interval values must be >= 1, got {','.join(map(str, self.intervals))}")
+        if len(self.intervals) == 1:
+            self.interval, self.intervals = self.intervals[0], ()
+        elif self.intervals:
+            self.interval = self.intervals[0]
         for name in ("interval", "steps", "batch", "group", "max_new_tokens", "save_every", "lora_r", "lora_alpha"):
             if int(getattr(self, name)) < 1:
                 raise KvtoolError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -164,6 +177,32 @@ class BeaconTrainConfig:
             raise KvtoolError(f"--dtype must be auto, bf16 or f32, got {self.dtype!r}")
         if self.attn_backend not in ("auto", "reference", "sdpa"):
             raise KvtoolError(f"attention backend must be auto, reference or sdpa, got {self.attn_backend!r}")
+
+    @property
+    def all_intervals(self) -> tuple:
+        """The intervals this run trains (one, or the sorted ``intervals``)."""
+        return self.intervals or (int(self.interval),)
+
+
+def row_intervals(cfg: BeaconTrainConfig, step: int, n_rows: int) -> list[int]:
+    """The interval of each of the step's ``n_rows`` rollout rows (global order): drawn uniformly from the run's
+    intervals, stateless in (seed, step), so a resumed or multi-process run gives every row the same c."""
+    cs = cfg.all_intervals
+    if len(cs) == 1:
+        return [cs[0]] * n_rows
+    import numpy as np
+
+    rng = np.random.default_rng([int(cfg.seed), int(step), 0xBEAC])
+    return [int(cs[i]) for i in rng.integers(0, len(cs), n_rows)]
+
+
+def row_seeds(cfg: BeaconTrainConfig, step: int, n_rows: int, salt: int = 0) -> list[int]:
+    """One sampling seed per rollout row (global order), stateless in (seed, step, row): a row samples the same
+    tokens whichever process holds it, which is what makes a torchrun run equal a single process."""
+    import numpy as np
+
+    ss = np.random.SeedSequence([int(cfg.seed), int(step), int(salt)])
+    return [int(x) for x in ss.generate_state(max(1, n_rows), dtype=np.uint64)[:n_rows] % (1 << 63)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,12 +390,19 @@ def _evict(cache, a: int, b: int) -> None:
 @torch.no_grad()
 def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, beacon_id: int,
            eos_ids: Sequence[int], pad_id: int, interval: Optional[int] = None, forced: Optional[torch.Tensor] = None,
-           record: Optional[list] = None) -> list[list[int]]:
+           record: Optional[list] = None, seeds: Optional[Sequence[int]] = None) -> list[list[int]]:
     """Ancestral sampling at ``temperature`` (0: greedy), the beacon id banned. ``interval`` None: plain full cache;
     ``interval=c``: the runtime's beacon loop (beacon fed after every c tokens, then the chunk evicted).
     ``forced`` [B, T] feeds fixed tokens instead (teacher forcing); ``record`` receives the logits [B, V] used for
-    every sampled token. Returns each row's completion up to and including its first EOS."""
+    every sampled token. ``seeds``: one per row, each row then draws from its own generator (the same tokens in any
+    batch composition, up to float noise in the logits); None draws from torch's global RNG.
+    Returns each row's completion up to and including its first EOS."""
     device = next(model.parameters()).device
+    gens = None
+    if seeds is not None:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} rows")
+        gens = [torch.Generator(device=device).manual_seed(int(x)) for x in seeds]
     ids, attn = left_pad(prompts, pad_id)
     ids, attn = ids.to(device), attn.to(device)
     B, P = ids.shape
@@ -384,6 +430,9 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
             record.append(lg.cpu())
         if forced is not None:
             tok = forced[:, j].to(device)
+        elif temperature > 0 and gens is not None:
+            probs = torch.softmax(lg / temperature, -1)
+            tok = torch.stack([torch.multinomial(probs[i], 1, generator=gens[i])[0] for i in range(B)])
         elif temperature > 0:
             tok = torch.multinomial(torch.softmax(lg / temperature, -1), 1)[:, 0]
         else:
@@ -425,11 +474,14 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
 
 
 def rollouts(model, tok, problems: Sequence[Problem], group: int, max_new_tokens: int, temperature: float,
-             beacon_id: int, interval: Optional[int] = None, reward_fn: RewardFn = score) -> Rollouts:
-    """``group`` samples per problem (rows grouped by problem), scored by ``reward_fn``."""
+             beacon_id: int, interval: Optional[int] = None, reward_fn: RewardFn = score,
+             seeds: Optional[Sequence[int]] = None) -> Rollouts:
+    """``group`` samples per problem (rows grouped by problem), scored by ``reward_fn``; ``seeds`` as in
+    :func:`sample` (one per row)."""
     prompts = [encode_prompt(p, tok) for p in problems for _ in range(group)]
     eos = eos_ids(model, tok)
-    comps = sample(model, prompts, max_new_tokens, temperature, beacon_id, eos, int(tok.pad_token_id), interval)
+    comps = sample(model, prompts, max_new_tokens, temperature, beacon_id, eos, int(tok.pad_token_id), interval,
+                   seeds=seeds)
     texts = [tok.decode(c, skip_special_tokens=True) for c in comps]
     rewards = torch.tensor([float(reward_fn(problems[i // group], t)) for i, t in enumerate(texts)])
     return Rollouts(prompts, comps, rewards, texts)
@@ -449,12 +501,15 @@ class StudentBatch:
     mask: torch.Tensor  # [B, T] bool
 
 
-def student_batch(prompts: Sequence[Sequence[int]], comps: Sequence[Sequence[int]], interval: int, beacon_id: int,
-                  pad_id: int) -> StudentBatch:
-    """prompt · chunk_1 · b_1 · chunk_2 · … per row (no trailing beacon: nothing follows it), as the runtime decodes."""
+def student_batch(prompts: Sequence[Sequence[int]], comps: Sequence[Sequence[int]],
+                  interval: Union[int, Sequence[int]], beacon_id: int, pad_id: int) -> StudentBatch:
+    """prompt · chunk_1 · b_1 · chunk_2 · … per row (no trailing beacon: nothing follows it), as the runtime decodes.
+    ``interval``: one c for every row, or one per row (multi-interval training)."""
     seqs, lays, rows = [], [], []
-    c = interval
-    for p, comp in zip(prompts, comps):
+    cs = [int(interval)] * len(prompts) if isinstance(interval, int) else [int(c) for c in interval]
+    if len(cs) != len(prompts):
+        raise ValueError(f"{len(cs)} intervals for {len(prompts)} rows")
+    for p, comp, c in zip(prompts, comps, cs):
         s = list(p)
         for j, t in enumerate(comp):
             s.append(int(t))
@@ -537,11 +592,14 @@ def token_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, mask: torch.Tensor)
     return torch.where(mask, kl, torch.zeros_like(kl)).sum()
 
 
-def distill_kl(setup: Setup, prompts, comps, grad: bool = False, scale: float = 1.0) -> tuple[float, int]:
-    """Summed KL over the completion tokens of (prompts, comps); with ``grad`` also backward(kl * scale)."""
+def distill_kl(setup: Setup, prompts, comps, grad: bool = False, scale: float = 1.0,
+               intervals: Optional[Sequence[int]] = None) -> tuple[float, int]:
+    """Summed KL over the completion tokens of (prompts, comps); with ``grad`` also backward(kl * scale).
+    ``intervals``: the student's c per row (default: the setup's one interval)."""
     if not any(len(c) for c in comps):
         return 0.0, 0
-    sb = student_batch(prompts, comps, setup.interval, setup.beacon_id, int(setup.tok.pad_token_id))
+    cs = setup.interval if intervals is None else list(intervals)
+    sb = student_batch(prompts, comps, cs, setup.beacon_id, int(setup.tok.pad_token_id))
     tl = teacher_logits(setup, prompts, comps)
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
     with ctx:
@@ -552,9 +610,11 @@ def distill_kl(setup: Setup, prompts, comps, grad: bool = False, scale: float = 
     return float(kl.detach()), int(sb.mask.sum())
 
 
-def student_logprobs(setup: Setup, prompts, comps, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def student_logprobs(setup: Setup, prompts, comps, temperature: float,
+                     interval: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token) of the student's own completions under its compressed-mode sampling distribution; [B, T], mask."""
-    sb = student_batch(prompts, comps, setup.interval, setup.beacon_id, int(setup.tok.pad_token_id))
+    c = setup.interval if interval is None else int(interval)
+    sb = student_batch(prompts, comps, c, setup.beacon_id, int(setup.tok.pad_token_id))
     sl = student_logits(setup, sb) / temperature
     lp = torch.log_softmax(sl, -1).gather(-1, sb.targets.to(sl.device).unsqueeze(-1)).squeeze(-1)
     mask = sb.mask.to(sl.device)
@@ -562,45 +622,74 @@ def student_logprobs(setup: Setup, prompts, comps, temperature: float) -> tuple[
 
 
 def beacon_step(setup: Setup, opt: torch.optim.Optimizer, problems: Sequence[Problem], cfg: BeaconTrainConfig,
-                reward_fn: RewardFn = score, teacher_data: Optional[Rollouts] = None) -> dict:
-    """One optimiser step: teacher rollouts → KL distillation (+ GRPO on student rollouts when enabled)."""
+                reward_fn: RewardFn = score, teacher_data: Optional[Rollouts] = None,
+                intervals: Optional[Sequence[int]] = None, seeds: Optional[Sequence[int]] = None,
+                rl_interval: Optional[int] = None, rl_seeds: Optional[Sequence[int]] = None) -> dict:
+    """One optimiser step: teacher rollouts → KL distillation (+ GRPO on student rollouts when enabled).
+
+    ``intervals``: the student's c for each teacher row (default: the setup's one interval); ``seeds``: the
+    teacher rows' sampling seeds (``rl_interval``/``rl_seeds`` likewise for the student's own rollouts). Under
+    torchrun ``problems`` is this rank's share: token counts, KL and rewards are all-reduced, so the loss is the
+    global token mean, and the summed gradients give every rank the same optimiser step."""
     t0 = time.perf_counter()
     tok = setup.tok
+    dev = setup.beacon.row.device
+    world = dist_rank_world()[1]
     if teacher_data is None:
         with setup.teacher() as teacher:
             teacher_data = rollouts(teacher, tok, problems, cfg.group, cfg.max_new_tokens, cfg.temperature,
-                                    setup.beacon_id, None, reward_fn)
+                                    setup.beacon_id, None, reward_fn, seeds=seeds)
+    cs = [setup.interval] * len(teacher_data.comps) if intervals is None else [int(c) for c in intervals]
     keep = list(range(len(teacher_data.comps)))
     if cfg.distill_on == "correct":
         keep = [i for i in keep if float(teacher_data.rewards[i]) >= 1.0]
     prompts = [teacher_data.prompts[i] for i in keep]
     comps = [teacher_data.comps[i] for i in keep]
-    n_tok = sum(len(c) for c in comps)
+    cs = [cs[i] for i in keep]
+    local = torch.tensor([float(sum(len(c) for c in comps)), float(len(comps)),
+                          float(teacher_data.rewards.sum()), float(len(teacher_data.rewards))],
+                         dtype=torch.float64, device=dev)
+    n_tok, n_rows, r_sum, r_n = all_reduce_(local).tolist()
+    n_tok, n_rows = int(n_tok), int(n_rows)
     opt.zero_grad(set_to_none=True)
     kl_sum = 0.0
     for sl in row_slices(len(comps), cfg.micro_batch):
-        k, _ = distill_kl(setup, prompts[sl], comps[sl], grad=True, scale=1.0 / max(1, n_tok))
+        k, _ = distill_kl(setup, prompts[sl], comps[sl], grad=True, scale=1.0 / max(1, n_tok), intervals=cs[sl])
         kl_sum += k
-    stats = {"kl": kl_sum / n_tok if n_tok else None, "teacher_reward": float(teacher_data.rewards.mean()),
-             "distill_rows": len(comps), "distill_tokens": n_tok}
+    kl_sum = float(all_reduce_(torch.tensor([kl_sum], dtype=torch.float64, device=dev)).item())
+    stats = {"kl": kl_sum / n_tok if n_tok else None, "teacher_reward": r_sum / r_n if r_n else 0.0,
+             "distill_rows": n_rows, "distill_tokens": n_tok}
+    if len(cfg.all_intervals) > 1:
+        counts = torch.tensor([float(sum(1 for c in cs if c == x)) for x in cfg.all_intervals], device=dev)
+        stats["rows_per_interval"] = {str(x): int(v) for x, v in zip(cfg.all_intervals, all_reduce_(counts).tolist())}
 
     if cfg.rl_weight > 0:
+        c_rl = setup.interval if rl_interval is None else int(rl_interval)
         sr = rollouts(setup.model, tok, problems, cfg.rl_group, cfg.max_new_tokens, cfg.temperature,
-                      setup.beacon_id, cfg.interval, reward_fn)
+                      setup.beacon_id, c_rl, reward_fn, seeds=rl_seeds)
         adv = group_advantages(sr.rewards, cfg.rl_group)
-        stats["student_reward"] = float(sr.rewards.mean())
-        rl_tok = sum(len(c) for c in sr.comps)
+        rl_local = torch.tensor([float(sum(len(c) for c in sr.comps)), float(sr.rewards.sum()),
+                                 float(len(sr.rewards))], dtype=torch.float64, device=dev)
+        rl_tok, sr_sum, sr_n = all_reduce_(rl_local).tolist()
+        rl_tok = int(rl_tok)
+        stats["student_reward"] = sr_sum / sr_n if sr_n else 0.0
         rl_loss = 0.0
         if bool((adv != 0).any()) and rl_tok:  # the student earns reward with some variance: GRPO has a signal
             for sl in row_slices(len(sr.comps), cfg.micro_batch):
-                lp, mask = student_logprobs(setup, sr.prompts[sl], sr.comps[sl], cfg.temperature)
+                lp, mask = student_logprobs(setup, sr.prompts[sl], sr.comps[sl], cfg.temperature, c_rl)
                 loss = clipped_objective(lp, lp.detach(), adv[sl].to(lp.device), mask, cfg.clip_eps)
                 (loss * cfg.rl_weight / rl_tok).backward()
                 rl_loss += float(loss.detach())
+        rl_loss = float(all_reduce_(torch.tensor([rl_loss], dtype=torch.float64, device=dev)).item())
         stats["rl_loss"] = rl_loss / rl_tok if rl_tok else 0.0
         n_tok += rl_tok
 
     params = setup.parameters()
+    if world > 1:  # every rank holds its rows' share of the global token mean: the sum is the global gradient
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_(p.grad)
     gn = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip) \
         if any(p.grad is not None for p in params) else torch.tensor(0.0)
     opt.step()
@@ -636,10 +725,13 @@ def trainable_state(setup: Setup) -> dict:
     return {n: p.detach().cpu().clone() for n, p in setup.trainable()}
 
 
-def save_checkpoint(path: Path, step: int, setup: Setup, opt: torch.optim.Optimizer, cfg: BeaconTrainConfig) -> Path:
+def save_checkpoint(path: Path, step: int, setup: Setup, opt: torch.optim.Optimizer, cfg: BeaconTrainConfig,
+                    rng=None) -> Path:
+    """``rng``: this process's RNG state (default), or under torchrun the list of every rank's."""
     state = {"format": CKPT_FORMAT, "step": int(step), "beacon_id": setup.beacon_id,
              "beacon_row": setup.beacon.row.detach().cpu().clone(), "trainable": trainable_state(setup),
-             "optimizer": opt.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg)}
+             "optimizer": opt.state_dict(), "rng": rng_state() if rng is None else rng,
+             "config": dataclasses.asdict(cfg)}
     return save_state_atomic(state, path)
 
 
@@ -647,7 +739,7 @@ def load_checkpoint(path: Path) -> dict:
     return load_state(path, CKPT_FORMAT, "beacon")
 
 
-def restore(setup: Setup, opt: torch.optim.Optimizer, st: dict) -> int:
+def restore(setup: Setup, opt: torch.optim.Optimizer, st: dict, rank: int = 0, world: int = 1) -> int:
     if int(st["beacon_id"]) != setup.beacon_id:
         raise KvtoolError(f"checkpoint beacon id {st['beacon_id']} != {setup.beacon_id} of this run")
     named = dict(setup.trainable())
@@ -659,7 +751,10 @@ def restore(setup: Setup, opt: torch.optim.Optimizer, st: dict) -> int:
         for n, p in named.items():
             p.copy_(st["trainable"][n].to(p.device, p.dtype))
     opt.load_state_dict(st["optimizer"])
-    set_rng_state(st["rng"])
+    rngs = st["rng"] if isinstance(st["rng"], list) else [st["rng"]]
+    if len(rngs) != world:
+        raise KvtoolError(f"the checkpoint was written by {len(rngs)} process(es), this run has {world}")
+    set_rng_state(rngs[rank])
     return int(st["step"])
 
 
@@ -704,6 +799,8 @@ def export_checkpoint(setup: Setup, out: Path, cfg: BeaconTrainConfig, extra: Op
             "training": {"base_model": str(cfg.model), "tasks": list(cfg.tasks), "full": cfg.full,
                          "lora_r": None if cfg.full else cfg.lora_r, "rl_weight": cfg.rl_weight,
                          "mask": cfg.mask, **(extra or {})}}
+    if len(cfg.all_intervals) > 1:  # the file may run at any of them (``interval`` is the default: the smallest)
+        info["beacon"]["intervals"] = list(cfg.all_intervals)
     write_atomic(out / KVTOOL_JSON, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return out
 
@@ -724,7 +821,13 @@ def train(cfg: BeaconTrainConfig, reward_fn: RewardFn = score, progress: bool = 
           echo: Callable[[str], None] = echo_stderr, model_and_tok=None, export: bool = True) -> BeaconTrainResult:
     """Run ``kvtool train beacons``. ``reward_fn``/``model_and_tok`` let tests inject a verifier or a loaded model."""
     device = resolve_device(cfg.device)
+    init_dist(device)
+    rank, world = dist_rank_world()
+    if cfg.batch % world:
+        raise KvtoolError(f"--batch {cfg.batch} must be a multiple of the number of processes ({world})")
     out_dir, log_path, ckpt = open_out_dir(cfg.out_dir, cfg.resume)
+    if world > 1:  # every rank has looked for checkpoints before rank 0 writes any
+        torch.distributed.barrier()
     seed_all(cfg.seed)
     model, tok = model_and_tok if model_and_tok is not None else load_model(cfg.model, device,
                                                                             resolve_dtype(cfg.dtype, device))
@@ -740,31 +843,44 @@ def train(cfg: BeaconTrainConfig, reward_fn: RewardFn = score, progress: bool = 
         bad = config_mismatch(st["config"], cfg, RESUMABLE_CHANGES)
         if bad:
             raise KvtoolError(f"--resume with settings that differ from {ckpt.name}: " + "; ".join(bad))
-        start = restore(setup, opt, st)
-        rewrite_log(log_path, start)
-        echo(f"resuming from {ckpt} (step {start})")
+        start = restore(setup, opt, st, rank, world)
+        if rank == 0:
+            rewrite_log(log_path, start)
+            echo(f"resuming from {ckpt} (step {start})")
     else:
-        if cfg.resume:
+        if cfg.resume and rank == 0:
             echo(f"--resume: no checkpoint under {out_dir / 'ckpt'}, starting from step 0")
-        seed_all(cfg.seed + 1_000_003)
-        if log_path.exists():
+        seed_all(cfg.seed + 1_000_003 * (rank + 1))
+        if rank == 0 and log_path.exists():
             log_path.unlink()
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=f"train beacons (c={cfg.interval})", unit="step",
-               disable=not progress)
+    cs = ",".join(map(str, cfg.all_intervals))
+    bar = tqdm(total=cfg.steps, initial=min(start, cfg.steps), desc=f"train beacons (c={cs})", unit="step",
+               disable=not progress or rank != 0)
     step, stats = start, None
+    per = cfg.batch // world  # problems per rank; rows are grouped by problem, so a rank's rows are contiguous
     try:
         for step in range(start + 1, cfg.steps + 1):
-            idx = batch_indices(step, cfg.batch, len(problems), cfg.seed)
+            idx = batch_indices(step, cfg.batch, len(problems), cfg.seed)[rank * per:(rank + 1) * per]
+            rows = slice(rank * per * cfg.group, (rank + 1) * per * cfg.group)
+            n_rows = cfg.batch * cfg.group
+            rl_rows = slice(rank * per * cfg.rl_group, (rank + 1) * per * cfg.rl_group)
             f_lr = lr_factor(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = g.setdefault("base_lr", g["lr"]) * f_lr
-            stats = {"step": step, **beacon_step(setup, opt, [problems[i] for i in idx], cfg, reward_fn),
-                     "lr": opt.param_groups[-1]["lr"]}
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(stats) + "\n")
+            rl_c = row_intervals(cfg, step, 1 + n_rows)[-1]  # the student's own rollouts: one c per step
+            out = beacon_step(setup, opt, [problems[i] for i in idx], cfg, reward_fn,
+                              intervals=row_intervals(cfg, step, n_rows)[rows],
+                              seeds=row_seeds(cfg, step, n_rows)[rows], rl_interval=rl_c,
+                              rl_seeds=row_seeds(cfg, step, cfg.batch * cfg.rl_group, salt=1)[rl_rows])
+            stats = {"step": step, **out, "lr": opt.param_groups[-1]["lr"]}
+            if len(cfg.all_intervals) > 1 and cfg.rl_weight > 0:
+                stats["rl_interval"] = rl_c
+            if rank == 0:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(stats) + "\n")
             post = {"kl": "-" if stats["kl"] is None else f"{stats['kl']:.4f}",
                     "r_teacher": f"{stats['teacher_reward']:.2f}"}
             if "student_reward" in stats:
@@ -772,13 +888,20 @@ def train(cfg: BeaconTrainConfig, reward_fn: RewardFn = score, progress: bool = 
             bar.set_postfix(post)
             bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(checkpoint_path(out_dir, step), step, setup, opt, cfg)
+                rngs = rng_state()
+                if world > 1:
+                    rngs = [None] * world
+                    torch.distributed.all_gather_object(rngs, rng_state())
+                if rank == 0:
+                    save_checkpoint(checkpoint_path(out_dir, step), step, setup, opt, cfg, rngs)
     finally:
         bar.close()
     output = Path(cfg.output) if cfg.output else out_dir / "model"
-    if export:
+    if world > 1:
+        torch.distributed.barrier()
+    if export and rank == 0:
         export_checkpoint(setup, output, cfg, {"steps": max(step, start), "seed": cfg.seed})
         echo(f"wrote {output}: beacon {BEACON_TOKEN if cfg.reuse_token is None else 'reused'} id {setup.beacon_id}, "
-             f"interval {cfg.interval}")
+             f"interval{'s' if len(cfg.all_intervals) > 1 else ''} {','.join(map(str, cfg.all_intervals))}")
     return BeaconTrainResult(output, log_path, max(step, start), setup.beacon_id, stats)
 
