@@ -79,3 +79,28 @@ def swa_info(h: GGUFHeader, arch: str, n_layer: int) -> SWAInfo:
     else:
         flags = tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
     return SWAInfo(n_swa, flags)
+
+
+def swa_layers_of(model) -> Optional[list[bool]]:
+    """Per-layer "slides" flags of a GGUF (llama.cpp's rule above) or a Hugging Face directory (config
+    ``layer_types``); None when the model has no sliding layers."""
+    from pathlib import Path
+
+    from toolchain.swa_mask import swa_layers_of_config
+
+    from .gguf_budgets import open_gguf
+    from .gguf_fields import model_fields
+
+    p = Path(model)
+    if p.is_dir():
+        import json
+
+        try:
+            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return swa_layers_of_config(cfg) if isinstance(cfg, dict) else None
+    with open_gguf(p) as h:
+        f = model_fields(h, dims=False)
+        info = swa_info(h, f.arch, f.n_layer)
+    return list(info.is_swa) if info.any else None

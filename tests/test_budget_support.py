@@ -72,3 +72,37 @@ def test_convert_refuses_budgets_on_sliding_layers(tmp_path):
     ok = kvtool("convert", str(src), "--mask", str(_mask(tmp_path, 6, full_rows={5}, name="g.json")), "-o", str(out))
     assert ok.returncode == 0, ok.stderr
     assert read_budgets(out).head_window[5][0] > 0
+
+
+def test_heads_random_compresses_global_heads_only(tmp_path):
+    src = _gguf(tmp_path, "gemma3", n_layer=12, extra=[kv("gemma3.attention.sliding_window", Value(T_U32, 512))])
+    out = tmp_path / "r.json"
+    res = kvtool("heads", "random", "--model", str(src), "-s", "0.5", "--seed", "3", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "compressed 2 of the 4 heads of the global layers [5, 11]" in res.stderr
+    m = json.loads(out.read_text())
+    assert [il for il, row in enumerate(m["full"]) if not all(row)] and all(
+        all(row) for il, row in enumerate(m["full"]) if il not in (5, 11))
+    # and the result converts without --force
+    conv = kvtool("convert", str(src), "--mask", str(out), "-o", str(tmp_path / "c.gguf"))
+    assert conv.returncode == 0, conv.stderr
+    # a plain model: unchanged behaviour, no note
+    plain = kvtool("heads", "random", "--model", str(_gguf(tmp_path, "llama")), "-s", "0.5", "--seed", "3")
+    assert plain.returncode == 0 and "sliding-window" not in plain.stderr
+
+
+def test_import_with_model_restricts(tmp_path):
+    from toolchain.heads import HeadsMask
+    from toolchain.swa_mask import restrict_to_global
+
+    m = random_mask(6, 2, 0.5, seed=1)
+    r, note = restrict_to_global(m, [True] * 5 + [False])
+    assert note and r.n_compressed() == 1 and all(all(row) for row in r.full[:5])
+    assert restrict_to_global(m, None) == (m, None)
+    tsv = tmp_path / "duo.tsv"
+    tsv.write_text("\n".join("\t".join("0.1" for _ in range(2)) for _ in range(6)) + "\n")
+    src = _gguf(tmp_path, "gemma3", extra=[kv("gemma3.attention.sliding_window", Value(T_U32, 512))])
+    res = kvtool("heads", "import", "duo", str(tsv), "-s", "0.5", "--model", str(src))
+    assert res.returncode == 0, res.stderr
+    mm = HeadsMask.from_dict(json.loads(res.stdout))
+    assert mm.n_compressed() == 1 and not all(mm.full[5])
