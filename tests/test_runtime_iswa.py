@@ -118,3 +118,35 @@ def test_identity_without_global_budgets(tiny, swa_full):
         llm = load(path, n_ubatch=7, swa_full=swa_full, **kw)
         assert kv_bytes(llm._ctx.ctx)[0] == 0  # the stock cache
         assert np.array_equal(runtime_logits(llm, tiny["tokens"]), stock)
+
+
+@pytest.mark.parametrize("budgets", [False, True])
+def test_prompt_reuse_is_safe_without_swa_full(tiny, budgets):
+    """swa_full=False (the default): a new prompt whose shared prefix ends where the SWA ring no longer holds the
+    window re-evaluates (cache_fallback) instead of reusing it; with swa_full=True the stock prefix is reused. All
+    give exactly the tokens of a fresh model."""
+    from toolchain.runtime.decode import generate_step
+    from toolchain.runtime.model import Model
+    from toolchain.runtime.stats import GenStats
+
+    path = tiny["gguf"]
+    if budgets:
+        path = write_windows(tiny["gguf"], tiny["dir"] / "reuse.gguf", _masks(tiny["model"])["one"], S)
+    toks = np.random.default_rng(3).integers(3, tiny["model"].config.vocab_size, size=700).tolist()
+    first, second = toks[:600], toks[:100] + toks[650:660]
+
+    def run(m, prompt):
+        st = GenStats()
+        out = list(generate_step(m.llama, prompt, 6, stats=st, stop_on_eog=False))
+        return out, st.cache_fallback
+
+    for swa_full in (False, True):
+        kw = dict(n_ctx=1024, n_ubatch=7, swa_full=swa_full, flash_attn=False, cache_type="f32")
+        with Model.load(path, **kw) as m:
+            run(m, first)
+            got, fallback = run(m, second)
+        with Model.load(path, **kw) as m:
+            fresh, _ = run(m, second)
+        assert got == fresh, (swa_full, got, fresh)
+        # with budgets the compressed head's own ring cannot rewind to position 100 either, swa_full or not
+        assert fallback == (budgets or not swa_full)
