@@ -17,7 +17,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers_runtime import load, runtime_logits, write_windows  # noqa: E402
 from helpers_swa_models import gptoss_converter_path, make_tiny_gemma3, make_tiny_gptoss, use_ggml_cpu_gelu  # noqa: E402
-from test_runtime_iswa import N_TOKENS, S, _masks  # noqa: E402
+from test_runtime_iswa import N_TOKENS, S, global_masks  # noqa: E402
 
 from converters.hf_to_gguf import hf_to_gguf  # noqa: E402
 from toolchain.train.attention import reference_logits  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
             tokens = np.random.default_rng(7).integers(3, model.config.vocab_size, size=N_TOKENS).tolist()
             ids = torch.tensor(tokens)
             full = reference_logits(model, ids, 0, S).numpy()
-            for name, windows in _masks(model).items():
+            for name, windows in global_masks(model).items():
                 path = write_windows(gguf, d / f"{name}.gguf", windows, S)
                 ref = reference_logits(model, ids, windows, S).numpy()
                 errs = [float(np.abs(runtime_logits(load(path, n_ubatch=u, swa_full=False), tokens) - ref).max())

@@ -58,3 +58,6 @@ ggml_tensor * kvtool_build_attn_mixed(
         ggml_tensor * v_mla,
               float kq_scale,
                 int il);
+
+// the iSWA wrapper of the input above (gemma2/3, gpt-oss): llama-graph.cpp sees it through this header
+#include "kvtool-graph-iswa.h"

@@ -30,7 +30,7 @@ def _global_layers(model) -> list[int]:
     return [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
 
 
-def _masks(model, seed=0):
+def global_masks(model, seed=0):
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
     glob = _global_layers(model)
     one = np.zeros((L, H), dtype=int)
@@ -66,7 +66,7 @@ def tiny(request, tmp_path_factory):
 @pytest.mark.parametrize("mask_name", ["one", "every", "noisy"])
 def test_parity_all_ubatch_sizes(tiny, mask_name):
     model = tiny["model"]
-    windows = _masks(model)[mask_name]
+    windows = global_masks(model)[mask_name]
     path = write_windows(tiny["gguf"], tiny["dir"] / f"{mask_name}.gguf", windows, S)
     ref = reference_logits(model, torch.tensor(tiny["tokens"]), windows, S).numpy()
     worst = 0.0
@@ -82,7 +82,7 @@ def test_parity_all_ubatch_sizes(tiny, mask_name):
 
 def test_parity_swa_full_and_prefill_decode(tiny):
     model = tiny["model"]
-    windows = _masks(model)["one"]
+    windows = global_masks(model)["one"]
     path = write_windows(tiny["gguf"], tiny["dir"] / "split.gguf", windows, S)
     ref = reference_logits(model, torch.tensor(tiny["tokens"]), windows, S).numpy()
     got = runtime_logits(load(path, n_ubatch=64, swa_full=True), tiny["tokens"])
@@ -98,7 +98,7 @@ def test_mask_changes_logits(tiny):
     model = tiny["model"]
     ids = torch.tensor(tiny["tokens"])
     full = reference_logits(model, ids, 0, S).numpy()
-    assert float(np.abs(full - reference_logits(model, ids, _masks(model)["one"], S).numpy()).max()) > 100 * TOL
+    assert float(np.abs(full - reference_logits(model, ids, global_masks(model)["one"], S).numpy()).max()) > 100 * TOL
     swa_only = np.zeros((model.config.num_hidden_layers, model.config.num_key_value_heads), dtype=int)
     swa_only[0] = 8
     assert float(np.abs(full - reference_logits(model, ids, swa_only.tolist(), S).numpy()).max()) == 0.0
@@ -112,7 +112,7 @@ def test_identity_without_global_budgets(tiny, swa_full):
     swa_only = np.zeros((L, H), dtype=int)
     swa_only[[i for i in range(L) if i not in _global_layers(model)]] = 8
     p_swa = write_windows(tiny["gguf"], tiny["dir"] / "swa-only.gguf", swa_only.tolist(), S)
-    p_one = write_windows(tiny["gguf"], tiny["dir"] / "one-id.gguf", _masks(model)["one"], S)
+    p_one = write_windows(tiny["gguf"], tiny["dir"] / "one-id.gguf", global_masks(model)["one"], S)
     stock = runtime_logits(load(tiny["gguf"], n_ubatch=7, swa_full=swa_full), tiny["tokens"])
     for path, kw in ((p_swa, {}), (p_one, {"mixed": False})):
         llm = load(path, n_ubatch=7, swa_full=swa_full, **kw)
@@ -131,7 +131,7 @@ def test_prompt_reuse_is_safe_without_swa_full(tiny, budgets):
 
     path = tiny["gguf"]
     if budgets:
-        path = write_windows(tiny["gguf"], tiny["dir"] / "reuse.gguf", _masks(tiny["model"])["one"], S)
+        path = write_windows(tiny["gguf"], tiny["dir"] / "reuse.gguf", global_masks(tiny["model"])["one"], S)
     toks = np.random.default_rng(3).integers(3, tiny["model"].config.vocab_size, size=700).tolist()
     first, second = toks[:600], toks[:100] + toks[650:660]
 
