@@ -26,7 +26,10 @@ from toolchain.gguf_keys import (
     K_BEACON_TOKEN,
     K_ENABLED,
     K_HEAD_WINDOW,
+    K_HEADS_WINDOW,
     K_METHOD,
+    K_PER_LAYER,
+    K_SCORES,
     K_SINK,
     K_SPARSITY,
     K_VERSION,
@@ -113,6 +116,9 @@ class Budgets:
     sparsity: Optional[float]
     beacon_token_id: Optional[int]
     beacon_interval: Optional[int]
+    scores: Optional[list[list[float]]] = None  # kvtool.heads.scores [layer][kv head], for load-time re-derivation
+    per_layer: bool = False  # kvtool.heads.per_layer
+    heads_window: Optional[int] = None  # kvtool.heads.window: W of heads compressed by a re-derived mask
 
 
 _INT_TYPES = (T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_U64, T_I64)
@@ -170,7 +176,32 @@ def _budgets(h: GGUFHeader) -> Optional[Budgets]:
     method = get(K_METHOD, (T_STR,), "string")
     sparsity = get(K_SPARSITY, (T_F32, T_F64), "f32")
     tok, interval = beacon_keys(h)
-    return Budgets(enabled, sink, head_window, method, None if sparsity is None else float(sparsity), tok, interval)
+    scores, per_layer, heads_window = _score_keys(h, kv, get, head_window)
+    return Budgets(enabled, sink, head_window, method, None if sparsity is None else float(sparsity), tok, interval,
+                   scores, per_layer, heads_window)
+
+
+def _score_keys(h: GGUFHeader, kv: dict, get, head_window) -> tuple[Optional[list[list[float]]], bool, Optional[int]]:
+    """kvtool.heads.scores (f32 or f64 array, L x H, finite), .per_layer (bool) and .window (u32 >= 1)."""
+    per_layer = bool(get(K_PER_LAYER, (T_BOOL,), "bool") or False)
+    win = get(K_HEADS_WINDOW, _INT_TYPES, "u32")
+    if win is not None and not 1 <= win <= _I32_MAX:
+        raise KvtoolError(f"{h.path}: {K_HEADS_WINDOW} must be in [1, {_I32_MAX}], got {win}")
+    if K_SCORES not in kv:
+        return None, per_layer, win
+    span = kv[K_SCORES]
+    if span.type != T_ARR or span.sub not in (T_F32, T_F64):
+        raise KvtoolError(f"{h.path}: {K_SCORES} has the wrong type (expected an f32 array)")
+    if head_window is None:
+        raise KvtoolError(f"{h.path}: {K_SCORES} without {K_HEAD_WINDOW}")
+    L, H = len(head_window), len(head_window[0])
+    flat = [float(x) for x in h.value(K_SCORES)]
+    if len(flat) != L * H:
+        raise KvtoolError(f"{h.path}: {K_SCORES} has {len(flat)} entries, expected {L}x{H} = {L * H}")
+    for i, x in enumerate(flat):
+        if x != x or x in (float("inf"), float("-inf")):
+            raise KvtoolError(f"{h.path}: {K_SCORES}: the score of layer {i // H} head {i % H} is not finite")
+    return [flat[i * H:(i + 1) * H] for i in range(L)], per_layer, win
 
 
 def beacon_keys(h: GGUFHeader) -> tuple[Optional[int], Optional[int]]:
@@ -308,6 +339,8 @@ def budget_keys(mask: HeadsMask, beacon_token: Optional[int] = None, beacon_inte
         K_METHOD: Value(T_STR, mask.method),
         K_SPARSITY: Value(T_F32, float(mask.sparsity)),
     }
+    if mask.scores is not None:
+        keys.update(score_keys(mask))
     if mask.sink > _I32_MAX or mask.window > _I32_MAX:
         raise KvtoolError(f"sink and window must be <= {_I32_MAX} (the runtime's limit)")
     if (beacon_token is None) != (beacon_interval is None):
@@ -317,6 +350,21 @@ def budget_keys(mask: HeadsMask, beacon_token: Optional[int] = None, beacon_inte
         keys[K_BEACON_TOKEN] = Value(T_U32, int(beacon_token))
         keys[K_BEACON_INTERVAL] = Value(T_U32, int(beacon_interval))
     return keys
+
+
+def score_keys(mask: HeadsMask) -> dict[str, Value]:
+    """The mask's scores (clipped to [0, 1]), rule and window, so the runtime can rebuild the mask at any sparsity. f32 as the format
+    says, unless rounding to f32 would turn two different scores into a tie: the rule breaks ties by (layer, head),
+    so a new tie could change which heads a sparsity compresses; those scores are stored as f64 instead."""
+    import numpy as np
+
+    a = np.clip(np.asarray(mask.scores, dtype=np.float64), 0.0, 1.0).ravel()  # the rule clips first anyway
+    b = a.astype(np.float32).astype(np.float64)
+    order = np.argsort(a, kind="stable")
+    keeps_order = bool(np.all((np.diff(a[order]) == 0) | (np.diff(b[order]) > 0)))
+    scores = Value(T_ARR, (b if keeps_order else a).tolist(), T_F32 if keeps_order else T_F64)
+    return {K_SCORES: scores, K_PER_LAYER: Value(T_BOOL, bool(mask.per_layer)),
+            K_HEADS_WINDOW: Value(T_U32, int(mask.window))}
 
 
 def apply_mask(src: str | os.PathLike, dst: str | os.PathLike, mask: HeadsMask,

@@ -1,5 +1,6 @@
 // Reading kvtool.* GGUF keys with strict validation (bad budgets fail the load, they never crash or run wrong).
 #include "kvtool-config.h"
+#include "kvtool-rederive.h"
 
 #include "llama-impl.h"
 #include "llama-model-loader.h"
@@ -89,6 +90,15 @@ void kvtool_load_config(llama_model_loader & ml, llama_model & model) {
         }
         cfg->present = true;
     }
+
+    // load-time kvtool.kv.sparsity / kvtool.kv.window: the budgets are rebuilt from kvtool.heads.scores
+    uint32_t n_head_uniform = hp.n_layer_all ? hp.n_head_kv(0) : 0;
+    for (uint32_t il = 1; il < hp.n_layer_all; ++il) {
+        if (hp.n_head_kv(il) != n_head_uniform) {
+            n_head_uniform = 0;
+        }
+    }
+    kvtool_apply_budget_overrides(ml, *cfg, hp.n_layer_all, n_head_uniform);
 
     // enabled: defaults to true when budgets are present; kv_overrides can switch it either way
     bool enabled = cfg->present;

@@ -1,7 +1,9 @@
 // kvtool C API implementation (see kvtool.h).
 #include "kvtool.h"
 
+#include "kvtool-config.h"
 #include "llama-kv-cache-mixed.h"
+#include "llama-model.h"
 
 #include "llama.h"
 
@@ -29,6 +31,18 @@ extern "C" const char * kvtool_patch_hash(void) {
 
 extern "C" const char * kvtool_backend(void) {
     return KVTOOL_BACKEND;
+}
+
+extern "C" int kvtool_model_budgets(const llama_model * model, int32_t * head_window, int n, uint32_t * n_sink) {
+    const kvtool_kv_config * cfg = model ? model->kvtool_cfg.get() : nullptr;
+    if (!cfg || !cfg->present) {
+        return -1;
+    }
+    for (int i = 0; head_window && i < n && (size_t) i < cfg->head_window.size(); ++i) {
+        head_window[i] = cfg->head_window[i];
+    }
+    if (n_sink) { *n_sink = cfg->n_sink; }
+    return (int) cfg->head_window.size();
 }
 
 static llama_memory_i * memory_of(const llama_context * ctx) {

@@ -26,6 +26,7 @@ extern "C" {
 #define KVTOOL_RUNTIME_VERSION 1
 
 struct llama_context;
+struct llama_model;
 
 // Returns KVTOOL_RUNTIME_VERSION of the library actually loaded.
 KVTOOL_API int kvtool_runtime_version(void);
@@ -40,6 +41,11 @@ KVTOOL_API const char * kvtool_backend(void);
 // (sink + window) rings. Returns 1 when the mixed cache is active, 0 when the context runs a stock cache
 // (then everything is reported in *full_bytes), -1 when the context has no KV memory.
 KVTOOL_API int kvtool_kv_bytes(const struct llama_context * ctx, size_t * full_bytes, size_t * ring_bytes);
+
+// The budgets the model loaded with, after kv_overrides (kvtool.kv.sparsity, .window, .sink): copies up to n
+// layer-major head windows (0 = full head) into head_window and the sink into *n_sink. Returns the model's total
+// KV head count, or -1 when the file has no kvtool budgets.
+KVTOOL_API int kvtool_model_budgets(const struct llama_model * model, int32_t * head_window, int n, uint32_t * n_sink);
 
 // Cells in use right now (all sequences): full-head cache and rings. Same return convention as kvtool_kv_bytes.
 KVTOOL_API int kvtool_kv_used_cells(const struct llama_context * ctx, uint32_t * full_cells, uint32_t * ring_cells);

@@ -28,7 +28,8 @@ _TMP = Path(tempfile.mkdtemp(prefix="kvtool-fuzz-"))
 KEYS = ["general.architecture", "general.alignment", "llama.block_count", "llama.attention.head_count",
         "llama.attention.head_count_kv", "llama.embedding_length", "llama.attention.key_length",
         "kvtool.version", "kvtool.kv.enabled", "kvtool.kv.sink", "kvtool.kv.head_window", "kvtool.beacon.token_id",
-        "kvtool.beacon.interval", "tokenizer.ggml.tokens"]
+        "kvtool.beacon.interval", "kvtool.heads.scores", "kvtool.heads.per_layer", "kvtool.heads.window",
+        "tokenizer.ggml.tokens"]
 
 
 def _str(b: bytes) -> bytes:

@@ -108,3 +108,24 @@ def test_c_embed_on_a_file_without_budgets_runs_a_stock_cache(c_embed, smollm2):
     assert res.returncode == 0, res.stderr
     m = re.search(r"mixed=(\d) full_bytes=(\d+) ring_bytes=(\d+)", res.stdout)
     assert m and m.group(1) == "0" and m.group(3) == "0" and int(m.group(2)) > 0, res.stdout
+
+
+def test_c_embed_override_kv_sparsity_equals_a_converted_file(c_embed, smollm2, tmp_path):
+    """A C app passes llama.cpp's --override-kv form; the runtime rebuilds the mask from the stored scores, so the
+    one file at s=0.75 allocates, masks and generates exactly as the file converted at 0.75."""
+    from converters.gguf_budgets import apply_mask
+    from toolchain.heads import random_mask
+
+    mask = random_mask(30, 3, 0.5, seed=0)
+    one = apply_mask(smollm2, tmp_path / "one.gguf", mask)
+    conv = apply_mask(smollm2, tmp_path / "s75.gguf", mask.with_sparsity(0.75))
+    run = lambda *a: subprocess.run([str(c_embed), *map(str, a)], capture_output=True, text=True,  # noqa: E731
+                                    timeout=300)
+    ref = run(conv, "The capital of France is", 1024)
+    got = run(one, "The capital of France is", 1024, "--override-kv", "kvtool.kv.sparsity=float:0.75")
+    assert ref.returncode == 0 and got.returncode == 0, ref.stderr + got.stderr
+    want = ",".join(str(w) for w in mask.with_sparsity(0.75).head_window())
+    assert f"budgets sink=16 windows={want}" in got.stdout
+    assert got.stdout.replace(str(one), "") == ref.stdout.replace(str(conv), "")
+    bad = run(one, "x", 256, "--override-kv", "kvtool.kv.sparsity=float:2")
+    assert bad.returncode == 1 and "kvtool.kv.sparsity: must be in [0, 1], got 2" in bad.stderr

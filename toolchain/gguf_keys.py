@@ -22,6 +22,13 @@ K_SINK = "kvtool.kv.sink"
 K_HEAD_WINDOW = "kvtool.kv.head_window"
 K_METHOD = "kvtool.heads.method"
 K_SPARSITY = "kvtool.heads.sparsity"
+# the head scores the mask came from, so the runtime can rebuild it at another sparsity (cpp/kvtool-rederive.cpp)
+K_SCORES = "kvtool.heads.scores"
+K_PER_LAYER = "kvtool.heads.per_layer"
+K_HEADS_WINDOW = "kvtool.heads.window"
+# load-time overrides only (kv_overrides / --override-kv): never written into a file
+K_KV_SPARSITY = "kvtool.kv.sparsity"
+K_KV_WINDOW = "kvtool.kv.window"
 BEACON_PREFIX = "kvtool.beacon."
 K_BEACON_TOKEN = "kvtool.beacon.token_id"
 K_BEACON_INTERVAL = "kvtool.beacon.interval"

@@ -146,6 +146,24 @@ def check_sampling(temperature: Any = 0.0, top_p: Any = 0.95, top_k: Any = 40, m
                 max_tokens=None if max_tokens is None else check_int("max_tokens", max_tokens, None, I32_MAX))
 
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(text: Any) -> int:
+    """A memory size: bytes as an int, or text such as 2GiB, 512MiB, 1.5GB (GiB/MiB binary, GB/MB decimal)."""
+    import re
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise KvtoolError(f"a memory size must be >= 0 bytes, got {text}")
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text) if isinstance(text, str) else None
+    if not m or m.group(2).lower() not in _UNITS:
+        raise KvtoolError(f"cannot read memory size {text!r} (examples: 2GiB, 512MiB, 1.5GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def decode_text(data: bytes, where: str) -> str:
     """UTF-8 text, or one line saying where the first bad byte is."""
     try:

@@ -2,8 +2,10 @@
 //
 // There is no kvtool code in the model path: llama_model_load_from_file reads the kvtool.* budgets from the
 // GGUF and the context allocates the mixed cache by itself. kvtool.h is used only to report the bytes.
+// --override-kv takes llama.cpp's own form (KEY=int:N, float:X or bool:true|false), so one file loads at any
+// sparsity: --override-kv kvtool.kv.sparsity=float:0.75 (the runtime rebuilds the mask from the stored scores).
 //
-//   c_embed MODEL.gguf [PROMPT] [N_CTX]
+//   c_embed MODEL.gguf [PROMPT] [N_CTX] [--override-kv KEY=TYPE:VALUE ...]
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,19 +24,64 @@ static void quiet_log(enum ggml_log_level level, const char * text, void * user_
     }
 }
 
+#define MAX_OVERRIDES 8
+
+// KEY=int:N | float:X | bool:true|false into *ov; 0 on success
+static int parse_override(const char * arg, struct llama_model_kv_override * ov) {
+    const char * eq = strchr(arg, '=');
+    if (eq == NULL || eq == arg || (size_t) (eq - arg) >= sizeof(ov->key)) {
+        return -1;
+    }
+    memset(ov, 0, sizeof(*ov));
+    memcpy(ov->key, arg, (size_t) (eq - arg));
+    const char * v = eq + 1;
+    if (strncmp(v, "int:", 4) == 0) {
+        ov->tag = LLAMA_KV_OVERRIDE_TYPE_INT;
+        ov->val_i64 = strtoll(v + 4, NULL, 10);
+    } else if (strncmp(v, "float:", 6) == 0) {
+        ov->tag = LLAMA_KV_OVERRIDE_TYPE_FLOAT;
+        ov->val_f64 = strtod(v + 6, NULL);
+    } else if (strcmp(v, "bool:true") == 0 || strcmp(v, "bool:false") == 0) {
+        ov->tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+        ov->val_bool = strcmp(v, "bool:true") == 0;
+    } else {
+        return -1;
+    }
+    return 0;
+}
+
 int main(int argc, char ** argv) {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL.gguf [PROMPT] [N_CTX]\n", argv[0]);
+    const char * pos[3] = { NULL, "The capital of France is", "2048" };
+    int n_pos = 0;
+    struct llama_model_kv_override overrides[MAX_OVERRIDES + 1];
+    int n_ov = 0;
+    for (int i = 1; i < argc; ++i) {
+        if (strcmp(argv[i], "--override-kv") == 0) {
+            if (i + 1 >= argc || n_ov >= MAX_OVERRIDES || parse_override(argv[i + 1], &overrides[n_ov]) != 0) {
+                fprintf(stderr, "error: --override-kv takes KEY=int:N, KEY=float:X or KEY=bool:true|false\n");
+                return 2;
+            }
+            ++n_ov;
+            ++i;
+        } else if (n_pos < 3) {
+            pos[n_pos++] = argv[i];
+        }
+    }
+    if (n_pos < 1) {
+        fprintf(stderr, "usage: %s MODEL.gguf [PROMPT] [N_CTX] [--override-kv KEY=TYPE:VALUE ...]\n", argv[0]);
         return 2;
     }
-    const char * path   = argv[1];
-    const char * prompt = argc > 2 ? argv[2] : "The capital of France is";
-    const int    n_ctx  = argc > 3 ? atoi(argv[3]) : 2048;
+    memset(&overrides[n_ov], 0, sizeof(overrides[n_ov]));  // the list ends at an empty key
+    const char * path   = pos[0];
+    const char * prompt = pos[1];
+    const int    n_ctx  = atoi(pos[2]);
 
     llama_log_set(quiet_log, NULL);
     llama_backend_init();
 
-    struct llama_model * model = llama_model_load_from_file(path, llama_model_default_params());
+    struct llama_model_params mparams = llama_model_default_params();
+    mparams.kv_overrides = n_ov ? overrides : NULL;
+    struct llama_model * model = llama_model_load_from_file(path, mparams);
     if (model == NULL) {
         fprintf(stderr, "error: cannot load %s\n", path);
         return 1;
@@ -90,6 +137,16 @@ int main(int argc, char ** argv) {
     printf("mixed=%d full_bytes=%zu ring_bytes=%zu total_bytes=%zu\n", mixed, full_bytes, ring_bytes,
            full_bytes + ring_bytes);
     printf("live_cells full=%u ring=%u\n", full_cells, ring_cells);
+    int32_t windows[4096];
+    uint32_t n_sink = 0;
+    const int n_heads = kvtool_model_budgets(model, windows, 4096, &n_sink);
+    if (n_heads > 0 && n_heads <= 4096) {
+        printf("budgets sink=%u windows=", n_sink);
+        for (int i = 0; i < n_heads; ++i) {
+            printf(i ? ",%d" : "%d", windows[i]);
+        }
+        printf("\n");
+    }
     for (int g = 0; g < kvtool_kv_n_groups(ctx); ++g) {
         uint32_t window = 0, cells = 0;
         kvtool_kv_group_info(ctx, g, &window, &cells);

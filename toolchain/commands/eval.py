@@ -34,6 +34,8 @@ _echo = echo_stderr
 @click.option("--ubatch", "n_ubatch", type=int, default=512, show_default=True,
               help="Micro-batch; also sizes the rings (pad256(W + S + ubatch) cells), so small models want it small.")
 @click.option("--cache-type", default=None, help="KV cache type (default f16; f32 for --ppl).")
+@click.option("--kv-budget", "kv_budget", default=None, metavar="SIZE",
+              help="KV memory budget (e.g. 512MiB): each model runs at the smallest sparsity whose cache fits.")
 @click.option("--threads", type=int, default=None, help="Default: physical cores.")
 @gpu_layers_option()
 @click.option("--ppl", "ppl", default=None, metavar="FILE.txt",
@@ -42,8 +44,8 @@ _echo = echo_stderr
 @click.option("--ppl-tokens", type=int, default=None, help="With --ppl: use only the first N tokens of the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of the Markdown table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ubatch, cache_type, threads, gpu_layers,
-             ppl, ppl_tokens, as_json, quiet):
+def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ubatch, cache_type, kv_budget, threads,
+             gpu_layers, ppl, ppl_tokens, as_json, quiet):
     """Evaluate GGUF files (full vs mixed KV) on a verifiable task, or measure perplexity/KL with --ppl."""
     from .. import eval as ev
     from ..eval.records import check_writable
@@ -54,6 +56,8 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
     if ppl is not None:
         if task is not None:
             raise KvtoolError("--ppl and --task are separate modes; give one")
+        if kv_budget is not None:
+            raise KvtoolError("--kv-budget applies to task evaluation, not --ppl")
         if plot is not None:
             raise KvtoolError("--plot applies to task evaluation, not --ppl")
         mixed = None
@@ -80,7 +84,7 @@ def eval_cmd(models, task, n, seed, max_tokens, variants, out, plot, n_ctx, n_ub
         raise KvtoolError("--ppl-tokens goes with --ppl")
     res = ev.run_eval(models, task, n=n, seed=seed, variants=vlist, max_tokens=max_tokens, n_ctx=n_ctx,
                       n_ubatch=n_ubatch, cache_type=cache_type or "f16", threads=threads, out=out, plot=plot,
-                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers)
+                      progress=not quiet, echo=_echo, gpu_layers=gpu_layers, kv_budget=kv_budget)
     click.echo(json.dumps(res, indent=1) if as_json else ev.markdown(res["rows"]))
     if out:
         _echo(f"wrote {out} (records: {res['records']})" + (f" and {plot}" if plot else ""))

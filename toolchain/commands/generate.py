@@ -17,10 +17,32 @@ from ..gguf_keys import CACHE_TYPES
 from .offload_option import gpu_layers_option
 
 
+class _NCtx(click.ParamType):
+    """--n-ctx: tokens, or ``auto`` (with --kv-budget: the largest context that fits)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise KvtoolError(f"--n-ctx must be an integer or 'auto', got {value!r}") from None
+
+
+def kv_budget_option(f):
+    return click.option("--kv-budget", "kv_budget", default=None, metavar="SIZE",
+                        help="KV memory budget (e.g. 2GiB): the smallest sparsity whose cache fits --n-ctx, or with "
+                             "--n-ctx auto the largest context (needs kvtool.heads.scores to change the sparsity).")(f)
+
+
 def load_options(f):
     """Options every command that loads a model takes (same names and defaults everywhere)."""
     opts = [
-        click.option("--n-ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size in tokens."),
+        click.option("--n-ctx", "n_ctx", type=_NCtx(), default=4096, show_default=True,
+                     help="Context size in tokens ('auto' with --kv-budget)."),
+        kv_budget_option,
         click.option("--n-ubatch", type=int, default=512, show_default=True,
                      help="Micro-batch; rings hold window + sink + n_ubatch cells, so smaller saves memory."),
         click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: physical cores)."),
@@ -43,12 +65,13 @@ def load_options(f):
 
 def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], cache_type: str, no_mixed: bool,
                flash_attn: Optional[bool], seed: int = 0, no_beacons: bool = False, gpu_layers=None,
-               swa_full: bool = False):
+               kv_budget: Optional[str] = None, swa_full: bool = False):
     from ..runtime.model import Model
 
     return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
                       mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed,
-                      beacons=False if no_beacons else None, n_gpu_layers=gpu_layers, swa_full=swa_full)
+                      beacons=False if no_beacons else None, n_gpu_layers=gpu_layers, kv_budget=kv_budget,
+                      swa_full=swa_full)
 
 
 def fmt_rate(x: Optional[float]) -> str:
@@ -123,7 +146,7 @@ def read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
 @load_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, stats, KV bytes.")
 def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k, seed, stops, n_ctx, n_ubatch,
-            threads, cache_type, no_mixed, no_beacons, flash_attn, gpu_layers, as_json, swa_full=False):
+            threads, cache_type, kv_budget, no_mixed, no_beacons, flash_attn, gpu_layers, as_json, swa_full=False):
     """Complete a prompt once (streams to stdout; stats to stderr)."""
     text = read_prompt(prompt, file)
     if system is not None and not as_chat:
@@ -134,7 +157,7 @@ def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k
 
     check_sampling(temp, top_p, top_k, seed=seed, max_tokens=max_tokens)  # before the model loads
     m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons, gpu_layers,
-                   swa_full=swa_full)
+                   kv_budget, swa_full=swa_full)
     try:
         kw = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed, stop=list(stops))
         if as_chat:

@@ -6,7 +6,6 @@ so the answer to "what do I gain on my laptop?" needs no model load.
 from __future__ import annotations
 
 import json
-import re
 from typing import Optional
 
 import click
@@ -15,17 +14,8 @@ from ..errors import KvtoolError
 from ..gguf_keys import cache_type as check_cache_type
 from ..runtime.memory import KVPlan, ModelDims, dims_from_gguf, predict
 from ..runtime.offload import device_layers, weights_on_device
+from ..validate import parse_size
 from .offload_option import gpu_layers_option
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise KvtoolError(f"cannot read memory size {text!r} (examples: 2GiB, 512MiB, 1.5GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _mib(b: int) -> str:
@@ -91,6 +81,7 @@ def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type
         "head_dim_k": dims.head_dim_k, "head_dim_v": dims.head_dim_v,
         "budget_source": ("kvtool keys in the GGUF" + ("" if b.enabled else " (disabled)")) if b else "none (stock cache)",
         "method": b.method if b else None, "sparsity": b.sparsity if b else None,
+        "scores": bool(b and b.scores is not None),
         "sink": b.sink if b else None, "windows": sorted({w for row in windows for w in row if w > 0}) if windows else [],
         "beacon": {"token_id": b.beacon_token_id, "interval": b.beacon_interval} if b and b.beacon_token_id is not None else None,
         "per_layer": per_layer,
@@ -126,8 +117,20 @@ def max_ctx(dims: ModelDims, windows, sink: int, budget: int, n_ubatch: int, cac
     return min(lo, cap)
 
 
+def kv_budget_report(dims: ModelDims, b, budget: int, n_ctx, n_ubatch: int) -> dict:
+    """What ``--kv-budget`` would choose on chat/generate/serve/eval (f16, flash attention, the file's mixed flag)."""
+    from ..runtime.kv_budget import choose
+
+    try:
+        c = choose(dims, b, budget, n_ctx, n_ubatch, "f16", True, mixed=bool(b and b.enabled))
+    except KvtoolError as e:
+        return {"n_ctx_requested": n_ctx, "error": str(e)}
+    return {"n_ctx_requested": n_ctx, "n_ctx": c.n_ctx, "sparsity": c.sparsity, "n_compressed": c.n_compressed,
+            "n_heads": c.n_heads, "kv_bytes": c.kv_bytes, "summary": c.summary()}
+
+
 def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float], gpu_layers=None,
-                swa_full: bool = False) -> dict:
+                n_ctx="auto", swa_full: bool = False) -> dict:
     """``budget`` is the KV budget, or with ``gpu_layers`` (N >= 1 or "all") the device memory: the weights of the
     offloaded layers come off it first, and the KV of their layers must fit in the rest."""
     dims, b = _load(model)
@@ -162,6 +165,8 @@ def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float
             rows[name]["kv_device_bytes"] = pl.device_bytes(dev) if pl else 0
     return {"model": model, "budget_bytes": budget, "n_ubatch": n_ubatch, "mask": source,
             "n_ctx_train": dims.n_ctx_train, "plans": rows, "notes": budget_notes(dims, windows), "swa_full": swa_full,
+            "kv_budget": kv_budget_report(dims, b, budget, n_ctx, n_ubatch) if dev is None and sparsity is None
+            else None,
             "offload": {"gpu_layers": gpu_layers, "device_layers": dev, "weights_device_bytes": weights}
             if dev is not None else None}
 
@@ -189,6 +194,8 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_la
     click.echo(f"budgets     {r['budget_source']}" + (f", method {r['method']}, sparsity {r['sparsity']}" if r["method"] else ""))
     if r["windows"]:
         click.echo(f"            sink {r['sink']}, windows {r['windows']}")
+    if r["scores"]:
+        click.echo("            head scores stored: any sparsity at load time (--kv-budget, kvtool.kv.sparsity)")
         click.echo("layers      " + " ".join(f"{p['full']}F{p['compressed']}c" for p in r["per_layer"]))
     for note in r["notes"]:
         click.echo(f"note        {note}")
@@ -225,12 +232,21 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_la
               "device memory (offloaded weights + their KV).")
 @click.option("--sparsity", type=float, default=None, help="What-if: plan for a mask of this sparsity.")
 @click.option("--ubatch", "n_ubatch", default=512, show_default=True)
+@click.option("--ctx", "n_ctx", default="auto", show_default=True,
+              help="The context --kv-budget is chosen for: N tokens, or auto (the largest that fits).")
 @gpu_layers_option("Plan for N layers (or 'all') on the GPU: --mem is then device memory (default: none, a CPU run).")
 @click.option("--swa-full", is_flag=True, help="Sliding-window models: plan for the full-size SWA cache.")
 @click.option("--json", "as_json", is_flag=True)
-def plan_cmd(model, mem, sparsity, n_ubatch, gpu_layers, swa_full, as_json):
-    """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0."""
-    r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers, swa_full)
+def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, swa_full, as_json):
+    """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0, and what --kv-budget picks."""
+    if n_ctx != "auto":
+        from ..validate import N_CTX_MAX, check_int
+
+        try:
+            n_ctx = check_int("--ctx", int(n_ctx), 1, N_CTX_MAX)
+        except ValueError:
+            raise KvtoolError(f"--ctx must be an integer or 'auto', got {n_ctx!r}") from None
+    r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers, n_ctx, swa_full)
     if as_json:
         click.echo(json.dumps(r, indent=1))
         return
@@ -252,3 +268,7 @@ def plan_cmd(model, mem, sparsity, n_ubatch, gpu_layers, swa_full, as_json):
         click.echo("  the offloaded weights alone do not fit: offload fewer layers (--gpu-layers N)")
     if r["n_ctx_train"]:
         click.echo(f"  (the model was trained with a {r['n_ctx_train']}-token context)")
+    kb = r.get("kv_budget")
+    if kb:
+        click.echo(f"  --kv-budget --n-ctx {kb['n_ctx_requested']}: " +
+                   kb.get("error", kb.get("summary")))

@@ -365,8 +365,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
               help="Default max_tokens when a request gives none.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @load_options
-def command(model, host, port, model_id, max_queue, default_max_tokens, seed, n_ctx, n_ubatch, threads, cache_type,
-            no_mixed, no_beacons, flash_attn, gpu_layers, swa_full=False):
+def command(model, host, port, model_id, max_queue, default_max_tokens, seed, n_ctx, kv_budget, n_ubatch, threads,
+            cache_type, no_mixed, no_beacons, flash_attn, gpu_layers, swa_full=False):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat completions, completions, models)."""
     try:
         import fastapi  # noqa: F401
@@ -381,7 +381,7 @@ def command(model, host, port, model_id, max_queue, default_max_tokens, seed, n_
     sock = bind_socket(host, port)
     try:
         m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons,
-                       gpu_layers, swa_full=swa_full)
+                       gpu_layers, kv_budget, swa_full=swa_full)
         app = make_app(m, model_id, max_queue, default_max_tokens)
         h, p = sock.getsockname()[:2]
         shown = f"[{h}]" if ":" in h else h

@@ -20,10 +20,11 @@ def jsonl_path(out: str | os.PathLike) -> Path:
     return p.with_suffix(".jsonl") if p.suffix.lower() != ".jsonl" else p.with_suffix(".records.jsonl")
 
 
-def run_key(v, task: str, seed: int, max_tokens: int, n_ctx: int, n_ubatch: int, cache_type: str) -> str:
+def run_key(v, task: str, seed: int, max_tokens: int, n_ctx: int, n_ubatch: int, cache_type: str,
+            kv_budget: Optional[int] = None) -> str:
     st = v.path.stat()
     ident = [str(v.path.resolve()), st.st_size, st.st_mtime_ns, v.name, task, seed, max_tokens, n_ctx, n_ubatch,
-             cache_type]
+             cache_type] + ([] if kv_budget is None else [kv_budget])  # runs without a budget keep their old keys
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 

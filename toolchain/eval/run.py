@@ -207,7 +207,8 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
              variants: Optional[Sequence[str]] = None, max_tokens: int = 512, n_ctx: Optional[int] = None,
              n_ubatch: int = 512, cache_type: str = "f16", threads: Optional[int] = None,
              out: Optional[str | os.PathLike] = None, plot: Optional[str | os.PathLike] = None,
-             progress: bool = True, echo: Echo = lambda m: None, gpu_layers=None) -> dict:
+             progress: bool = True, echo: Echo = lambda m: None, gpu_layers=None,
+             kv_budget: Optional[str] = None) -> dict:
     """Evaluate every (file, variant) on ``n`` problems of ``task``; returns the result dict (also written to
     ``out`` as JSON when given, with the per-problem JSONL next to it). ``gpu_layers``: N, "all" or None (the
     runtime's default), resolved once after the input checks."""
@@ -215,6 +216,10 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
         raise KvtoolError(f"--n must be >= 1, got {n}")
     if max_tokens < 1:
         raise KvtoolError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if kv_budget is not None:
+        from ..validate import parse_size
+
+        kv_budget = parse_size(kv_budget)  # bytes: a bad size fails before anything loads
     if n_ctx is not None and n_ctx < 16:
         raise KvtoolError(f"--n-ctx must be >= 16, got {n_ctx}")
     out_p = check_writable(out, "output")
@@ -254,13 +259,13 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                     ctx_len = longest + max_tokens + 1
                     model.close()
                     model = None
-                key = run_key(v, task, seed, max_tokens, ctx_len, n_ubatch, cache_type)
+                key = run_key(v, task, seed, max_tokens, ctx_len, n_ubatch, cache_type, kv_budget)
                 recs: list[Optional[dict]] = [done.get((key, p.index, qhash(p))) for p in problems]
                 todo = [i for i, r in enumerate(recs) if r is None]
                 if todo:
                     model = Model.load(v.path, n_ctx=ctx_len, n_threads=threads, n_ubatch=n_ubatch,
                                        cache_type=cache_type, mixed=v.mixed, beacons=v.beacons,
-                                       n_gpu_layers=gpu_layers)
+                                       n_gpu_layers=gpu_layers, kv_budget=kv_budget)
                     stats = model.kv_stats()
                     bpc = bytes_per_cell(model)
                     bar = _progress(len(todo), f"{v.label}", progress, skipped=n - len(todo))
@@ -322,6 +327,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
             log_f.close()
     rows = [summarize(v, all_recs[v.label]) for v in vs]
     result = {"kvtool_eval": 1, "task": task, "n": n, "seed": seed, "max_tokens": max_tokens, "n_ctx": n_ctx,
+              "kv_budget": kv_budget,
               "n_ubatch": n_ubatch, "cache_type": cache_type, "threads": threads, "machine": machine_info(),
               "records": str(log_p) if log_p else None, "rows": rows}
     if out_p is not None:

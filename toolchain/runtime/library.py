@@ -69,6 +69,21 @@ def kv_bytes(ctx) -> tuple[bool, int, int]:
     return rc == 1, int(full.value), int(ring.value)
 
 
+def model_budgets(model) -> Optional[tuple[list[int], int]]:
+    """(layer-major head windows, sink) a llama_model (a ctypes pointer) loaded with, after kv_overrides; None
+    when the file has no kvtool budgets."""
+    f = _fn("kvtool_model_budgets", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int,
+                                                   ctypes.POINTER(ctypes.c_uint32)])
+    if f is None:
+        raise RuntimeNotBuilt()
+    n = f(model, None, 0, None)
+    if n < 0:
+        return None
+    buf, sink = (ctypes.c_int32 * max(1, n))(), ctypes.c_uint32(0)
+    f(model, buf, n, ctypes.byref(sink))
+    return list(buf[:n]), int(sink.value)
+
+
 def kv_used_cells(ctx) -> tuple[int, int]:
     """Cells in use now: (full-head cache, rings)."""
     f = _fn("kvtool_kv_used_cells", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32)])

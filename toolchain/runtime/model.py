@@ -166,7 +166,8 @@ class Model:
              n_ubatch: int = 512, cache_type: str = "f16", mixed: Optional[bool] = None,
              flash_attn: Optional[bool] = None, seed: int = 0, verbose: bool = False,
              beacons: Optional[bool] = None, n_gpu_layers: Union[None, int, str] = None,
-             swa_full: bool = False) -> "Model":
+             sparsity: Optional[float] = None, window: Optional[int] = None, sink: Optional[int] = None,
+             kv_budget: Union[None, int, str] = None, swa_full: bool = False) -> "Model":
         """Load a GGUF.
 
         ``mixed``: None follows the file's ``kvtool.kv.enabled``; True/False override it for this load only.
@@ -180,6 +181,11 @@ class Model:
         ``swa_full``: sliding-window hybrids only (Gemma-2/3, gpt-oss). False (llama-cli's default) sizes the SWA
         layers' cache to about n_swa + n_ubatch cells; True keeps every position there too, which costs memory but
         lets a new prompt reuse a long cached prefix (docs/memory.md, "Sliding-window models").
+        ``sparsity``/``window``/``sink``: rebuild the file's budgets at load time from its ``kvtool.heads.scores``
+        (the ``kvtool.kv.sparsity``/``.window`` and ``kvtool.kv.sink`` overrides; ``toolchain.runtime.budget_overrides``).
+        ``kv_budget``: bytes or a size such as "2GiB": the smallest sparsity whose KV cache fits for ``n_ctx``, or with
+        ``n_ctx="auto"`` the largest context that fits (``toolchain.runtime.kv_budget``); the choice is one line on
+        stderr.
         """
         from converters.gguf_budgets import read_budgets
 
@@ -193,6 +199,32 @@ class Model:
         p = _check_path(path)
         budgets = read_budgets(p)  # KvtoolError for a non-GGUF or truncated file, or bad kvtool keys
         dims = dims_from_gguf(p)  # the header fields every file must have sound (block_count >= 1, ...)
+        from .budget_overrides import apply_overrides, check_overrides
+
+        ov = check_overrides(sparsity, window, sink)
+        file_budgets, budgets = budgets, apply_overrides(budgets, ov, f"{p}: ")
+        if kv_budget is not None:
+            from ..gguf_keys import K_KV_SPARSITY
+            from ..validate import parse_size
+            from .kv_budget import choose
+
+            if sparsity is not None:
+                raise KvtoolError("give kv_budget or sparsity, not both")
+            if n_ctx != "auto":
+                n_ctx = check_int("n_ctx", n_ctx, 1, N_CTX_MAX)
+            nub = check_int("n_ubatch", n_ubatch, 1, I32_MAX)
+            with_budgets = budgets is not None and budgets.head_window is not None
+            mixed_on = with_budgets and (budgets.enabled if mixed is None else bool(mixed))
+            fa_on = with_budgets if flash_attn is None else bool(flash_attn)
+            choice = choose(dims, budgets, parse_size(kv_budget), n_ctx,
+                            min(nub, n_ctx) if n_ctx != "auto" else nub, cache_type, fa_on, mixed_on)
+            _note(choice.line())
+            n_ctx = choice.n_ctx
+            if choice.sparsity is not None:
+                ov[K_KV_SPARSITY] = choice.sparsity
+                budgets = apply_overrides(file_budgets, ov, f"{p}: ")
+        elif n_ctx == "auto":
+            raise KvtoolError("n_ctx 'auto' needs a KV budget (--kv-budget SIZE)")
         n_ctx = check_int("n_ctx", n_ctx, 1, N_CTX_MAX)
         # llama.cpp pads the context to 256 cells; asking for the padded size keeps Llama's token buffer and
         # the context the same length, so every prompt check below holds for both
@@ -205,13 +237,13 @@ class Model:
         parse_gpu_layers(n_gpu_layers, "n_gpu_layers")  # a bad value fails here, before anything loads
         tid = check_cache_type(cache_type).ggml_id
         has_budgets = budgets is not None and budgets.head_window is not None
-        overrides = None
+        overrides = dict(ov) or None
         if mixed is not None:
             if mixed and not has_budgets:
                 raise KvtoolError(f"{p}: mixed=True but the file has no kvtool budgets "
                                   f"(write them with: kvtool convert {p.name} --mask heads.json)")
             if has_budgets:
-                overrides = {K_ENABLED: bool(mixed)}
+                overrides = {**(overrides or {}), K_ENABLED: bool(mixed)}
         has_beacons = budgets is not None and budgets.beacon_token_id is not None
         if beacons and not has_beacons:
             raise KvtoolError(f"{p}: beacons=True but the file has no kvtool.beacon keys")
