@@ -32,6 +32,9 @@ SUPPORTED_ARCHS = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # sliding-window hybrids: budgets apply to their global layers (docs/semantics.md, "Sliding-window models")
+    "Gemma3ForCausalLM": "gemma3",
+    "GptOssForCausalLM": "gpt-oss",
 }
 # What convert_hf_to_gguf.py writes itself.
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")

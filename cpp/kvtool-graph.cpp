@@ -56,14 +56,15 @@ llm_graph_input_attn_kv_mixed::llm_graph_input_attn_kv_mixed(
 
 ggml_tensor * llm_graph_input_attn_kv_mixed::head_index(ggml_context * ctx, const std::vector<int32_t> & rows, int64_t n_tokens) {
     for (const auto & ix : indices) {
-        if (ix.rows == rows) {
+        if (ix.rows == rows && ix.per_head == (n_tokens == 0) && (ix.per_head || ix.t->ne[1] == n_tokens)) {
             return ix.t;
         }
     }
-    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) rows.size(), n_tokens);
+    // n_tokens == 0: one row of indices for per-head (not per-token) tensors such as learned sinks
+    ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) rows.size(), std::max<int64_t>(n_tokens, 1));
     ggml_set_input(t);
     ggml_format_name(t, "kvtool_heads_%zu", indices.size());
-    indices.push_back({rows, t});
+    indices.push_back({rows, t, n_tokens == 0});
     return t;
 }
 
@@ -101,7 +102,7 @@ bool llm_graph_input_attn_kv_mixed::can_reuse(const llm_graph_params & params) {
         res = groups[g]->can_reuse(p) && res;
     }
     for (const auto & ix : indices) {
-        res = res && ix.t->ne[1] == (int64_t) params.ubatch.n_tokens;
+        res = res && (ix.per_head || ix.t->ne[1] == (int64_t) params.ubatch.n_tokens);
     }
     return res;
 }
@@ -109,7 +110,7 @@ bool llm_graph_input_attn_kv_mixed::can_reuse(const llm_graph_params & params) {
 // store one group's heads in its cache and attend over it: [d_v*n_q_heads_of_group, n_tokens]
 static ggml_tensor * attend_group(
         const llm_graph_context & gc, llm_graph_input_attn_kv_mixed * inp, size_t g,
-        ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, float kq_scale, int il) {
+        ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, ggml_tensor * sinks, float kq_scale, int il) {
     ggml_context * ctx0 = gc.ctx0;
     const auto * gi   = inp->groups[g].get();
     const auto * gctx = gi->mctx;
@@ -120,7 +121,7 @@ static ggml_tensor * attend_group(
     ggml_tensor * kk = gctx->get_k(ctx0, il);
     ggml_tensor * vv = gctx->get_v(ctx0, il);
 
-    return gc.build_attn_mha(q, kk, vv, nullptr, gi->get_kq_mask(), nullptr, nullptr, 0, kq_scale, il);
+    return gc.build_attn_mha(q, kk, vv, nullptr, gi->get_kq_mask(), sinks, nullptr, 0, kq_scale, il);
 }
 
 ggml_tensor * kvtool_build_attn_mixed(
@@ -138,8 +139,8 @@ ggml_tensor * kvtool_build_attn_mixed(
               float kq_scale,
                 int il) {
     GGML_ASSERT(v_mla == nullptr);
-    if (kq_b != nullptr || sinks != nullptr) {
-        GGML_ABORT("kvtool: mixed KV does not support attention bias or learned sink logits (layer %d)", il);
+    if (kq_b != nullptr) {
+        GGML_ABORT("kvtool: mixed KV does not support an attention bias (layer %d)", il);
     }
     GGML_ASSERT(!gc.cparams.training && "kvtool: mixed KV is an inference cache");
 
@@ -171,7 +172,7 @@ ggml_tensor * kvtool_build_attn_mixed(
 
     const int32_t single = mem->single_group(il);
     if (single >= 0) {
-        cur = attend_group(gc, inp, (size_t) single, q_cur, k_cur, v_cur, kq_scale, il);
+        cur = attend_group(gc, inp, (size_t) single, q_cur, k_cur, v_cur, sinks, kq_scale, il);
     } else {
         // gather each group's heads (a KV head takes its whole query group with it), attend, then restore order
         if (!ggml_is_contiguous(q_cur)) {
@@ -193,7 +194,15 @@ ggml_tensor * kvtool_build_attn_mixed(
             ggml_tensor * k = ggml_get_rows(ctx0, k_cur, idx);
             ggml_tensor * v = ggml_get_rows(ctx0, v_cur, idx);
 
-            ggml_tensor * o = attend_group(gc, inp, g, q, k, v, kq_scale, il);
+            // learned sink logits (gpt-oss) are per query head: they move with their KV head's query group
+            ggml_tensor * s = nullptr;
+            if (sinks) {
+                ggml_tensor * s_by_kv = ggml_reshape_2d(ctx0, sinks, n_gqa, n_head_kv);
+                s = ggml_get_rows(ctx0, s_by_kv, inp->head_index(ctx0, rows, 0));
+                s = ggml_reshape_1d(ctx0, s, n_gqa*n_sel);
+            }
+
+            ggml_tensor * o = attend_group(gc, inp, g, q, k, v, s, kq_scale, il);
             o = ggml_reshape_3d(ctx0, o, d_v*n_gqa, n_sel, n_tokens);
 
             cat = cat ? ggml_concat(ctx0, cat, o, 1) : o;

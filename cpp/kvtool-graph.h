@@ -27,7 +27,8 @@ public:
     bool can_reuse(const llm_graph_params & params) override;
 
     // I32 [rows.size(), n_tokens]: the head list repeated for every token, the index ggml_get_rows wants to pick
-    // heads per token; layers with the same list share one tensor
+    // heads per token; layers with the same list share one tensor. n_tokens = 0: [rows.size(), 1], for tensors
+    // that are per head only (learned sinks)
     ggml_tensor * head_index(ggml_context * ctx, const std::vector<int32_t> & rows, int64_t n_tokens);
 
     std::vector<std::unique_ptr<llm_graph_input_attn_kv>> groups; // one per cache group
@@ -38,6 +39,7 @@ private:
     struct index_input {
         std::vector<int32_t> rows;
         ggml_tensor * t;
+        bool per_head; // not per token: survives a change of ubatch size
     };
     std::vector<index_input> indices;
 };
@@ -56,3 +58,6 @@ ggml_tensor * kvtool_build_attn_mixed(
         ggml_tensor * v_mla,
               float kq_scale,
                 int il);
+
+// the iSWA wrapper of the input above (gemma2/3, gpt-oss): llama-graph.cpp sees it through this header
+#include "kvtool-graph-iswa.h"

@@ -7,6 +7,7 @@
 #include "llama-cparams.h"
 #include "llama-impl.h"
 #include "llama-io.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
 #include <algorithm>
@@ -26,42 +27,56 @@ llama_kv_cache_mixed::llama_kv_cache_mixed(
                      bool   unified,
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
-                 uint32_t   n_ubatch) : unified(unified), n_seq_max(n_seq_max), n_sink(cfg.n_sink) {
+                 uint32_t   n_ubatch,
+                     bool   swa_full) : unified(unified), n_seq_max(n_seq_max), n_sink(cfg.n_sink) {
     const llama_hparams & hp = model.hparams;
     const uint32_t n_layer = hp.n_layer_all;
+    const bool model_swa = hp.swa_type != LLAMA_SWA_TYPE_NONE;
 
-    // effective window of each head: a window that covers the whole context is a full head
-    auto eff = [&](uint32_t il, uint32_t h) -> uint32_t {
-        const uint32_t w = (uint32_t) cfg.window(il, h);
-        return w >= kv_size ? 0 : w;
+    // a group is (window, native); the SWA layers of a sliding-window model form the one native group
+    struct key {
+        uint32_t window;
+        bool     native;
+        bool operator==(const key & o) const { return window == o.window && native == o.native; }
+        bool operator<(const key & o) const { return native != o.native ? !native : window < o.window; }
     };
 
-    std::vector<uint32_t> windows;
+    // effective window of each head: a window that covers the whole context is a full head
+    auto eff = [&](uint32_t il, uint32_t h) -> key {
+        if (model_swa && hp.is_swa(il)) {
+            return {hp.n_swa, true};
+        }
+        const uint32_t w = (uint32_t) cfg.window(il, h);
+        return {w >= kv_size ? 0 : w, false};
+    };
+
+    std::vector<key> keys;
     for (uint32_t il = 0; il < n_layer; ++il) {
         for (uint32_t h = 0; h < hp.n_head_kv(il); ++h) {
-            const uint32_t w = eff(il, h);
-            if (std::find(windows.begin(), windows.end(), w) == windows.end()) {
-                windows.push_back(w);
+            const key k = eff(il, h);
+            if (std::find(keys.begin(), keys.end(), k) == keys.end()) {
+                keys.push_back(k);
             }
         }
     }
-    std::sort(windows.begin(), windows.end()); // the full group (0), if any, comes first
+    std::sort(keys.begin(), keys.end()); // the full group (0), if any, comes first; the native group last
 
-    groups.resize(windows.size());
-    for (size_t g = 0; g < windows.size(); ++g) {
+    groups.resize(keys.size());
+    for (size_t g = 0; g < keys.size(); ++g) {
         group & gr = groups[g];
-        gr.window  = windows[g];
+        gr.window  = keys[g].window;
+        gr.native  = keys[g].native;
         gr.hparams = std::make_unique<llama_hparams>(hp);
         gr.heads.resize(n_layer);
         for (uint32_t il = 0; il < n_layer; ++il) {
             for (uint32_t h = 0; h < hp.n_head_kv(il); ++h) {
-                if (eff(il, h) == gr.window) {
+                if (eff(il, h) == keys[g]) {
                     gr.heads[il].push_back((int32_t) h);
                 }
             }
             gr.hparams->n_head_kv_arr[il] = (uint32_t) gr.heads[il].size();
         }
-        if (gr.window == 0) {
+        if (gr.window == 0 && !gr.native) {
             i_full = (int32_t) g;
         }
     }
@@ -87,7 +102,10 @@ llama_kv_cache_mixed::llama_kv_cache_mixed(
         group & gr = groups[g];
 
         uint32_t size = kv_size;
-        if (gr.window > 0) {
+        if (gr.native) {
+            // exactly llama_kv_cache_iswa's SWA cache
+            size = swa_full ? kv_size : GGML_PAD(std::min(kv_size, hp.n_swa*(unified ? n_seq_max : 1) + n_ubatch), 256);
+        } else if (gr.window > 0) {
             // the SWA ring rule of llama_kv_cache_iswa, plus the sink positions that are never reused
             const uint32_t need = (gr.window + n_sink)*(unified ? n_seq_max : 1) + n_ubatch;
             size = std::min(kv_size, GGML_PAD(std::min(kv_size, need), 256));
@@ -96,16 +114,18 @@ llama_kv_cache_mixed::llama_kv_cache_mixed(
         const auto & heads = gr.heads;
         const layer_filter_cb filter = [&heads](int32_t il) { return !heads[il].empty(); };
 
-        const std::string tag = gr.window == 0 ? std::string("full_") : format("w%u_", gr.window);
+        const std::string tag = gr.native ? std::string("swa_") : gr.window == 0 ? std::string("full_") : format("w%u_", gr.window);
 
-        LLAMA_LOG_INFO("%s: group %zu: window %u, %u cells\n", __func__, g, gr.window, size);
+        LLAMA_LOG_INFO("%s: group %zu: window %u%s, %u cells\n", __func__, g, gr.window, gr.native ? " (model SWA layers)" : "", size);
+
+        const uint32_t       n_swa    = gr.native ? hp.n_swa : gr.window;
+        const llama_swa_type swa_type = gr.native ? hp.swa_type : gr.window > 0 ? LLAMA_SWA_TYPE_STANDARD : LLAMA_SWA_TYPE_NONE;
 
         gr.cache = std::make_unique<llama_kv_cache>(
                 model, *gr.hparams, type_k, type_v, v_trans, offload, unified, size, n_seq_max, 1,
-                gr.window, gr.window > 0 ? LLAMA_SWA_TYPE_STANDARD : LLAMA_SWA_TYPE_NONE,
-                nullptr, filter, nullptr, nullptr, tag.c_str());
+                n_swa, swa_type, nullptr, filter, nullptr, nullptr, tag.c_str());
 
-        if (gr.window > 0) {
+        if (gr.window > 0 && !gr.native) {
             gr.cache->set_n_sink_tokens(n_sink);
         }
     }
@@ -136,7 +156,8 @@ void llama_kv_cache_mixed::clear(bool data) {
 }
 
 bool llama_kv_cache_mixed::ring_covers(const group & gr, llama_seq_id seq_id, llama_pos p0) const {
-    // positions of this sequence below p0 that a query at p0 may see: the sinks and the last W-1
+    // positions of this sequence below p0 that a query at p0 may see: the sinks and the last W-1 (or, for the
+    // native group, what the model's own window shows)
     const auto & ring = gr.cache->get_cells(seq_id).seq_pos_get(seq_id);
 
     auto ring_has = [&](llama_pos p) {
@@ -144,8 +165,10 @@ bool llama_kv_cache_mixed::ring_covers(const group & gr, llama_seq_id seq_id, ll
         return it != ring.end() && it->first == p;
     };
 
+    const llama_swa_type swa_type = gr.native ? gr.hparams->swa_type : LLAMA_SWA_TYPE_STANDARD;
+    const llama_pos      sink     = gr.native ? 0 : (llama_pos) n_sink;
     auto needed = [&](llama_pos p) {
-        return p < (llama_pos) n_sink || p0 - p < (llama_pos) gr.window;
+        return !llama_hparams::is_masked_swa(gr.window, swa_type, p, p0, sink);
     };
 
     if (i_full >= 0) {
@@ -163,14 +186,23 @@ bool llama_kv_cache_mixed::ring_covers(const group & gr, llama_seq_id seq_id, ll
     }
 
     // no full group: require the needed positions to be contiguous up to p0
-    const llama_pos lo = std::max<llama_pos>((llama_pos) n_sink, p0 - (llama_pos) gr.window + 1);
-    for (llama_pos p = 0; p < std::min<llama_pos>(p0, (llama_pos) n_sink); ++p) {
-        if (!ring_has(p)) {
-            return false;
+    if (!gr.native) {
+        const llama_pos lo = std::max<llama_pos>((llama_pos) n_sink, p0 - (llama_pos) gr.window + 1);
+        for (llama_pos p = 0; p < std::min<llama_pos>(p0, (llama_pos) n_sink); ++p) {
+            if (!ring_has(p)) {
+                return false;
+            }
         }
+        for (llama_pos p = std::max<llama_pos>(lo, 0); p < p0; ++p) {
+            if (!ring_has(p)) {
+                return false;
+            }
+        }
+        return true;
     }
-    for (llama_pos p = std::max<llama_pos>(lo, 0); p < p0; ++p) {
-        if (!ring_has(p)) {
+    const llama_pos lo = std::max<llama_pos>(0, p0 - (llama_pos) gr.window);
+    for (llama_pos p = lo; p < p0; ++p) {
+        if (needed(p) && !ring_has(p)) {
             return false;
         }
     }
@@ -458,17 +490,13 @@ const llama_kv_cache_mixed_context * kvtool_as_mixed(const llama_memory_context_
 // creation
 //
 
-llama_memory_i * kvtool_create_memory(const llama_model & model, const llama_memory_params & params,
-                                      const llama_cparams & cparams, bool has_filter) {
-    const auto & cfg = model.kvtool_cfg;
-    if (!cfg || !cfg->present || !cfg->enabled) {
-        return nullptr;
-    }
-
+// why a model cannot take a mixed cache, or nullptr
+static const char * kvtool_mixed_refusal(const llama_model & model, const llama_memory_params & params,
+                                         const llama_cparams & cparams, bool has_filter) {
     const auto & hp = model.hparams;
     const char * why = nullptr;
     if (has_filter) {
-        why = "the model filters its KV layers (MTP/NextN)";
+        why = "the model filters or shares its KV layers (MTP/NextN, Gemma-3n/4)";
     } else if (hp.is_mla()) {
         why = "the model uses MLA attention";
     } else if (cparams.training) {
@@ -478,6 +506,17 @@ llama_memory_i * kvtool_create_memory(const llama_model & model, const llama_mem
         // a group may hold a single head, so one head's row must be whole quantization blocks
         why = "the head size is not a multiple of the KV cache type's block size";
     }
+    return why;
+}
+
+llama_memory_i * kvtool_create_memory(const llama_model & model, const llama_memory_params & params,
+                                      const llama_cparams & cparams, bool has_filter) {
+    const auto & cfg = model.kvtool_cfg;
+    if (!cfg || !cfg->present || !cfg->enabled) {
+        return nullptr;
+    }
+
+    const char * why = kvtool_mixed_refusal(model, params, cparams, has_filter);
     if (why) {
         LLAMA_LOG_WARN("%s: kvtool: mixed KV refused for %s: %s; running with a full cache\n", __func__,
                 llm_arch_name(model.arch), why);
@@ -498,14 +537,49 @@ llama_memory_i * kvtool_create_memory(const llama_model & model, const llama_mem
             cparams.offload_kqv, cparams.kv_unified, cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_ubatch);
 }
 
+llama_memory_i * kvtool_create_memory_iswa(const llama_model & model, const llama_memory_params & params,
+                                           const llama_cparams & cparams, bool has_filter) {
+    const auto & cfg = model.kvtool_cfg;
+    if (!cfg || !cfg->present || !cfg->enabled) {
+        return nullptr;
+    }
+    if (const char * why = kvtool_mixed_refusal(model, params, cparams, has_filter)) {
+        LLAMA_LOG_WARN("%s: kvtool: mixed KV refused for %s: %s; running with the stock sliding-window cache\n",
+                __func__, llm_arch_name(model.arch), why);
+        return nullptr;
+    }
+
+    const auto & hp = model.hparams;
+    bool any_compressed = false;
+    for (uint32_t il = 0; il < hp.n_layer_all; ++il) {
+        if (hp.is_swa(il)) {
+            continue; // the SWA layers keep the model's window
+        }
+        for (uint32_t h = 0; h < hp.n_head_kv(il); ++h) {
+            const int32_t w = cfg->window(il, h);
+            any_compressed = any_compressed || (w > 0 && (uint32_t) w < cparams.n_ctx_seq);
+        }
+    }
+    if (!any_compressed) {
+        LLAMA_LOG_INFO("%s: kvtool: no head of a global layer is compressed at n_ctx_seq = %u; using the stock "
+                "sliding-window cache\n", __func__, cparams.n_ctx_seq);
+        return nullptr;
+    }
+
+    return new llama_kv_cache_mixed(model, *cfg, params.type_k, params.type_v, !cparams.flash_attn,
+            cparams.offload_kqv, cparams.kv_unified, cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_ubatch,
+            params.swa_full);
+}
+
 void kvtool_note_memory(const llama_model & model, const llama_memory_i * mem) {
     const auto & cfg = model.kvtool_cfg;
     if (!cfg || !cfg->present || !cfg->enabled) {
         return;
     }
     if (mem != nullptr && dynamic_cast<const llama_kv_cache_mixed *>(mem) == nullptr &&
-        dynamic_cast<const llama_kv_cache *>(mem) == nullptr) {
-        LLAMA_LOG_WARN("%s: kvtool: %s uses special memory (sliding window, recurrent or hybrid); "
+        dynamic_cast<const llama_kv_cache *>(mem) == nullptr &&
+        dynamic_cast<const llama_kv_cache_iswa *>(mem) == nullptr) { // the iSWA path logs its own reasons
+        LLAMA_LOG_WARN("%s: kvtool: %s uses special memory (recurrent or hybrid); "
                 "mixed KV refused, running with a full cache\n", __func__, llm_arch_name(model.arch));
     }
 }

@@ -5,6 +5,10 @@
 // a copy of the model hparams whose per-layer n_head_kv is the group's head count in that layer, so a group
 // only allocates what its heads need. Layers where a group has no heads are filtered out of that group's cache.
 // All groups see every ubatch and every sequence op, exactly like llama_kv_cache_iswa does with its two caches.
+//
+// On a sliding-window model (gemma2/3, gpt-oss) the SWA layers keep the model's own window: their heads form one
+// more group, "native", sized and masked exactly as llama_kv_cache_iswa's SWA cache (swa_full included); the budgets
+// then apply to the global layers only (docs/semantics.md, "Sliding-window models").
 #pragma once
 
 #include "llama-kv-cache.h"
@@ -26,7 +30,8 @@ public:
                          bool   unified,
                      uint32_t   kv_size,
                      uint32_t   n_seq_max,
-                     uint32_t   n_ubatch);
+                     uint32_t   n_ubatch,
+                         bool   swa_full = false);
 
     ~llama_kv_cache_mixed() = default;
 
@@ -58,6 +63,8 @@ public:
 
     size_t           n_groups()            const { return groups.size(); }
     uint32_t         group_window(size_t g) const { return groups[g].window; }
+    // true for the group of a sliding-window model's SWA layers (the model's window, no kvtool sinks)
+    bool             group_native(size_t g) const { return groups[g].native; }
     llama_kv_cache * group_cache (size_t g) const { return groups[g].cache.get(); }
     size_t           group_bytes (size_t g) const;
     uint32_t         group_used_cells(size_t g) const;
@@ -73,6 +80,7 @@ public:
 private:
     struct group {
         uint32_t window = 0;                         // 0 = full
+        bool     native = false;                     // the model's own SWA layers (window = n_swa, model's swa_type)
         std::unique_ptr<llama_hparams>    hparams;   // llama_kv_cache keeps a reference: must outlive it
         std::unique_ptr<llama_kv_cache>   cache;
         std::vector<std::vector<int32_t>> heads;     // [il] -> KV heads
@@ -130,6 +138,12 @@ const llama_kv_cache_mixed_context * kvtool_as_mixed(const llama_memory_context_
 // builds the stock cache) when the file has no budgets, they are disabled, or the model cannot take them.
 llama_memory_i * kvtool_create_memory(const llama_model & model, const llama_memory_params & params,
                                       const llama_cparams & cparams, bool has_filter);
+
+// The same for a sliding-window model (the iSWA path): the global layers take the budgets, the SWA layers keep
+// their window cache. Returns nullptr, and the caller builds the stock llama_kv_cache_iswa, as above or when no
+// head of a global layer is compressed (then the stock cache is the same thing, bit for bit).
+llama_memory_i * kvtool_create_memory_iswa(const llama_model & model, const llama_memory_params & params,
+                                           const llama_cparams & cparams, bool has_filter);
 
 // Logs when a file asks for mixed KV but the architecture's memory cannot take it.
 void kvtool_note_memory(const llama_model & model, const llama_memory_i * mem);

@@ -85,9 +85,14 @@ def doctor(as_json):
 
 
 @cli.command()
-@click.argument("name", type=click.Choice(["smollm2"]))
+@click.argument("name", type=click.Choice(["smollm2", "gemma3-270m"]))
 def fetch(name):
     """Fetch a demo model into ~/.cache/kvtool/models and print its path."""
+    if name == "gemma3-270m":
+        from .models_gemma3 import fetch_gemma3
+
+        click.echo(str(fetch_gemma3(echo=_echo)))
+        return
     from .models import fetch_smollm2
 
     click.echo(str(fetch_smollm2(echo=_echo)))

@@ -346,7 +346,7 @@ def _readline_prompt(p: str, color: bool) -> str:
 @click.option("--show-think/--hide-think", default=True, show_default=True, help="Show <think> blocks (dimmed).")
 @load_options
 def command(model, system, max_tokens, temp, top_p, top_k, seed, show_think, n_ctx, kv_budget, n_ubatch, threads,
-            cache_type, no_mixed, no_beacons, flash_attn, gpu_layers):
+            cache_type, no_mixed, no_beacons, flash_attn, gpu_layers, swa_full=False):
     """Chat with a GGUF (its own chat template). Reads lines from stdin when it is not a terminal."""
     if max_tokens < 0:
         raise KvtoolError(f"--max-tokens must be >= 0, got {max_tokens}")
@@ -354,7 +354,7 @@ def command(model, system, max_tokens, temp, top_p, top_k, seed, show_think, n_c
 
     check_sampling(temp, top_p, top_k, seed=seed, max_tokens=max_tokens)  # before the model loads
     m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons, gpu_layers,
-                   kv_budget)
+                   kv_budget, swa_full=swa_full)
     try:
         m.chat_prompt([{"role": "user", "content": "hi"}])  # an unknown template fails now, not after typing
         interactive = _isatty(sys.stdin)

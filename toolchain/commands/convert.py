@@ -47,7 +47,10 @@ def resolve_mask(mask: HeadsMask, sparsity: Optional[float] = None, per_layer: O
               help="For a Hugging Face directory: tensor type (default f16).")
 @click.option("--beacon-token", type=int, default=None, help="Beacon token id (with --beacon-interval).")
 @click.option("--beacon-interval", type=int, default=None, help="Beacon every C generated tokens.")
-def convert(model, mask_path, sparsity, per_layer, sink, window, output, outtype, beacon_token, beacon_interval):
+@click.option("--force", is_flag=True, help="Write budgets even where the runtime ignores them (MLA, recurrent and "
+              "hybrid architectures; sliding-window layers).")
+def convert(model, mask_path, sparsity, per_layer, sink, window, output, outtype, beacon_token, beacon_interval,
+            force):
     """Write MODEL (GGUF or Hugging Face dir) with the head budgets of a heads.json as kvtool.* keys."""
     t0 = time.perf_counter()
     from ..validate import check_input_path, check_output_path
@@ -66,7 +69,7 @@ def convert(model, mask_path, sparsity, per_layer, sink, window, output, outtype
         raise KvtoolError("--mask is required (unless MODEL is a beacon checkpoint with kvtool.json)")
     mask = resolve_mask(HeadsMask.load(mask_path), sparsity, per_layer, sink, window)
     dst = convert_model(model, mask, output, outtype.lower() if outtype else None, beacon_token, beacon_interval,
-                        echo=lambda m: click.echo(m, err=True))
+                        echo=lambda m: click.echo(m, err=True), force=force)
     n = mask.n_layer * mask.n_head_kv
     click.echo(f"wrote {dst}: {mask.n_compressed()} of {n} KV heads compressed (S={mask.sink}, W={mask.window}) "
                f"in {time.perf_counter() - t0:.1f} s", err=True)

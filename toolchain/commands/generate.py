@@ -53,6 +53,9 @@ def load_options(f):
                      help="Ignore the file's beacon keys: no beacons, no eviction (A/B against the beacon loop)."),
         click.option("--flash-attn/--no-flash-attn", "flash_attn", default=None,
                      help="Default: on when the file has budgets (without it V rows are padded)."),
+        click.option("--swa-full", is_flag=True,
+                     help="Sliding-window models (Gemma 2/3, gpt-oss): keep every position in the SWA layers too. "
+                          "Costs memory; lets a new prompt reuse a long cached prefix (docs/memory.md)."),
         gpu_layers_option(),
         *beacon_options(),
     ]
@@ -86,7 +89,7 @@ def beacon_interval_setting() -> Optional[str]:
 
 def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], cache_type: str, no_mixed: bool,
                flash_attn: Optional[bool], seed: int = 0, no_beacons: bool = False, gpu_layers=None,
-               kv_budget: Optional[str] = None):
+               kv_budget: Optional[str] = None, swa_full: bool = False):
     from ..runtime.model import Model
     from ..validate import parse_size
 
@@ -95,7 +98,7 @@ def load_model(model: str, n_ctx: int, n_ubatch: int, threads: Optional[int], ca
     return Model.load(model, n_ctx=n_ctx, n_threads=threads, n_ubatch=n_ubatch, cache_type=cache_type,
                       mixed=False if no_mixed else None, flash_attn=flash_attn, seed=seed,
                       beacons=False if no_beacons else None, n_gpu_layers=gpu_layers, beacon_interval=c,
-                      beacon_budget=budget, kv_budget=None if c == "auto" else kv_budget)
+                      beacon_budget=budget, kv_budget=None if c == "auto" else kv_budget, swa_full=swa_full)
 
 
 def fmt_rate(x: Optional[float]) -> str:
@@ -172,7 +175,7 @@ def read_prompt(prompt: Optional[str], file: Optional[str]) -> str:
 @load_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, stats, KV bytes.")
 def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k, seed, stops, n_ctx, n_ubatch,
-            threads, cache_type, kv_budget, no_mixed, no_beacons, flash_attn, gpu_layers, as_json):
+            threads, cache_type, kv_budget, no_mixed, no_beacons, flash_attn, gpu_layers, as_json, swa_full=False):
     """Complete a prompt once (streams to stdout; stats to stderr)."""
     text = read_prompt(prompt, file)
     if system is not None and not as_chat:
@@ -183,7 +186,7 @@ def command(model, prompt, file, as_chat, system, max_tokens, temp, top_p, top_k
 
     check_sampling(temp, top_p, top_k, seed=seed, max_tokens=max_tokens)  # before the model loads
     m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons, gpu_layers,
-                   kv_budget)
+                   kv_budget, swa_full=swa_full)
     try:
         kw = dict(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed, stop=list(stops))
         if as_chat:

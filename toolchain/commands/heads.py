@@ -38,9 +38,26 @@ def heads() -> None:
 @click.option("--sink", type=int, default=DEFAULT_SINK, show_default=True, help="Sink positions kept by compressed heads.")
 @click.option("--window", type=int, default=DEFAULT_WINDOW, show_default=True, help="Window of compressed heads.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="heads.json to write (default: stdout).")
-def import_cmd(kind, file, sparsity, per_layer, sink, window, output):
+@click.option("--model", "model", type=click.Path(), default=None,
+              help="GGUF or HF directory the scores belong to: on a sliding-window model, compress global heads only.")
+def import_cmd(kind, file, sparsity, per_layer, sink, window, output, model):
     """Import RLKV adapter_weights.tsv or DuoAttention full_attention_heads.tsv scores."""
-    _emit(import_scores(kind, file, sparsity, per_layer, sink, window), output, (file,))
+    mask = import_scores(kind, file, sparsity, per_layer, sink, window)
+    if model is not None:
+        mask = _global_only(mask, model)
+    _emit(mask, output, (file,) + ((model,) if model else ()))
+
+
+def _global_only(mask: HeadsMask, model: str) -> HeadsMask:
+    """On a sliding-window model, keep budgets on global layers only, and say so (toolchain.swa_mask)."""
+    from converters.gguf_swa import swa_layers_of
+
+    from ..swa_mask import restrict_to_global
+
+    mask, note = restrict_to_global(mask, swa_layers_of(model))
+    if note:
+        click.echo(f"kvtool: {note}", err=True)
+    return mask
 
 
 @heads.command("random")
@@ -67,7 +84,7 @@ def random_cmd(model, sparsity, seed, per_layer, sink, window, output):
         L, H, info = shape.n_layer, shape.n_head_kv, {"arch": shape.arch}
         if shape.name:
             info["name"] = shape.name
-    _emit(random_mask(L, H, sparsity, seed, per_layer, sink, window, info), output, (model,))
+    _emit(_global_only(random_mask(L, H, sparsity, seed, per_layer, sink, window, info), model), output, (model,))
 
 
 @heads.command("show")

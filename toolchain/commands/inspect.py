@@ -41,15 +41,41 @@ def offload_report(model: str, dims: ModelDims, plan: KVPlan, gpu_layers, mem: O
             "mem_bytes": mem, "fits": None if mem is None else weights + kv_dev <= mem}
 
 
+def budget_notes(dims: ModelDims, windows) -> list[str]:
+    """What the runtime will do with this architecture's budgets, when that is not "all of them" (issue 19)."""
+    from converters.gguf_swa import budget_refusal
+
+    why = budget_refusal(dims.arch)
+    if why:
+        return [why + "; the runtime ignores them and runs the stock cache"]
+    notes = []
+    if dims.n_swa:
+        glob = [il for il in range(dims.n_layer) if not dims.swa_layer(il)]
+        notes.append(f"sliding window {dims.n_swa} on {dims.n_layer - len(glob)} of {dims.n_layer} layers; "
+                     f"budgets apply to the global layers {glob}")
+        if windows:
+            ignored = sum(1 for il, row in enumerate(windows) if dims.swa_layer(il) for w in row if w > 0)
+            if ignored:
+                notes.append(f"{ignored} compressed heads sit on sliding layers and are ignored (they keep the "
+                             f"model's window)")
+    return notes
+
+
+def _mixed_possible(dims: ModelDims) -> bool:
+    from converters.gguf_swa import budget_refusal
+
+    return budget_refusal(dims.arch) is None
+
+
 def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type: str, flash_attn: bool,
-                   gpu_layers=None, mem: Optional[int] = None) -> dict:
+                   gpu_layers=None, mem: Optional[int] = None, swa_full: bool = False) -> dict:
     """``gpu_layers`` (N or "all") adds the device split; ``mem`` is then device memory, else the KV budget."""
     check_cache_type(cache_type)
     check_flash_attn(cache_type, flash_attn)  # llama.cpp would refuse that context: say so instead of predicting it
     dims, b = _load(model)
     windows = b.head_window if b else None
     plan = predict(dims, windows, b.sink if b else 0, n_ctx, n_ubatch, n_seq, cache_type, cache_type, flash_attn,
-                   mixed=bool(b and b.enabled))
+                   mixed=bool(b and b.enabled) and _mixed_possible(dims), swa_full=swa_full)
     per_layer = [{"layer": i, "full": sum(1 for w in row if w == 0), "compressed": sum(1 for w in row if w > 0)}
                  for i, row in enumerate(windows)] if windows else []
     return {
@@ -65,17 +91,19 @@ def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type
         "n_ctx": plan.n_ctx, "n_ubatch": n_ubatch, "n_seq": n_seq, "cache_type": cache_type, "flash_attn": flash_attn,
         "stock_bytes": plan.stock_bytes, "mixed_bytes": plan.mixed_bytes, "full_bytes": plan.full_bytes,
         "ring_bytes": plan.ring_bytes, "ring_cells": plan.ring_cells, "ratio": plan.ratio, "mixed_active": plan.mixed,
+        "n_swa": dims.n_swa, "swa_full": swa_full, "swa_bytes": plan.swa_bytes, "swa_cells": plan.swa_cells,
+        "notes": budget_notes(dims, windows),
         "offload": offload_report(model, dims, plan, gpu_layers, mem) if gpu_layers else None,
         "mem_bytes": mem, "kv_fits": None if mem is None or gpu_layers else plan.mixed_bytes <= mem,
     }
 
 
 def max_ctx(dims: ModelDims, windows, sink: int, budget: int, n_ubatch: int, cache_type: str, mixed: bool,
-            limit: Optional[int] = None, device_layers: Optional[int] = None) -> int:
+            limit: Optional[int] = None, device_layers: Optional[int] = None, swa_full: bool = False) -> int:
     """Largest n_ctx (a multiple of 256) whose KV cache fits in ``budget`` bytes; 0 if even 256 does not fit.
     With ``device_layers`` only the KV of the last that many layers (those on the device) counts."""
     def fits(c: int) -> bool:
-        plan = predict(dims, windows, sink, c, n_ubatch, 1, cache_type, cache_type, True, mixed=mixed)
+        plan = predict(dims, windows, sink, c, n_ubatch, 1, cache_type, cache_type, True, mixed=mixed, swa_full=swa_full)
         used = plan.mixed_bytes if device_layers is None else plan.device_bytes(device_layers)
         return used <= budget
 
@@ -105,7 +133,7 @@ def kv_budget_report(dims: ModelDims, b, budget: int, n_ctx, n_ubatch: int) -> d
 
 
 def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float], gpu_layers=None,
-                n_ctx="auto") -> dict:
+                n_ctx="auto", swa_full: bool = False) -> dict:
     """``budget`` is the KV budget, or with ``gpu_layers`` (N >= 1 or "all") the device memory: the weights of the
     offloaded layers come off it first, and the KV of their layers must fit in the rest."""
     dims, b = _load(model)
@@ -117,10 +145,12 @@ def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float
         s = check_sparsity(sparsity)
         w = max((x for row in (windows or []) for x in row), default=DEFAULT_WINDOW) or DEFAULT_WINDOW
         sink = sink if b else DEFAULT_SINK
-        total = dims.n_layer * dims.n_head_kv[0]
-        k = n_compressed(s, total)
-        flat = [w if i < k else 0 for i in range(total)]
-        windows = [flat[i * dims.n_head_kv[0]:(i + 1) * dims.n_head_kv[0]] for i in range(dims.n_layer)]
+        # only heads whose budget the runtime uses count: the global layers of a sliding-window model
+        slots = [(il, h) for il in range(dims.n_layer) if not dims.swa_layer(il) for h in range(dims.n_head_kv[il])]
+        k = n_compressed(s, len(slots))
+        windows = [[0] * dims.n_head_kv[il] for il in range(dims.n_layer)]
+        for il, h in slots[:k]:
+            windows[il][h] = w
         source = f"what-if sparsity {s}"
     dev = device_layers(gpu_layers, dims.n_layer) if gpu_layers else None
     weights = weights_on_device(model, gpu_layers, dims.n_layer) if gpu_layers else 0
@@ -128,15 +158,16 @@ def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float
     rows = {}
     for name, wins, cache, mixed in (("full", None, "f16", False), ("mixed", windows, "f16", True),
                                      ("mixed+q8_0", windows, "q8_0", True)):
-        if mixed and not windows:
+        if mixed and (not windows or not _mixed_possible(dims)):
             continue
-        c = max_ctx(dims, wins, sink, kv_budget, n_ubatch, cache, mixed, device_layers=dev) if kv_budget >= 0 else 0
-        pl = predict(dims, wins, sink, c, n_ubatch, 1, cache, cache, True, mixed=mixed) if c else None
+        c = max_ctx(dims, wins, sink, kv_budget, n_ubatch, cache, mixed, device_layers=dev,
+                    swa_full=swa_full) if kv_budget >= 0 else 0
+        pl = predict(dims, wins, sink, c, n_ubatch, 1, cache, cache, True, mixed=mixed, swa_full=swa_full) if c else None
         rows[name] = {"max_ctx": c, "cache_type": cache, "kv_bytes": pl.mixed_bytes if pl else 0}
         if dev is not None:
             rows[name]["kv_device_bytes"] = pl.device_bytes(dev) if pl else 0
     return {"model": model, "budget_bytes": budget, "n_ubatch": n_ubatch, "mask": source,
-            "n_ctx_train": dims.n_ctx_train, "plans": rows,
+            "n_ctx_train": dims.n_ctx_train, "plans": rows, "notes": budget_notes(dims, windows), "swa_full": swa_full,
             "kv_budget": kv_budget_report(dims, b, budget, n_ctx, n_ubatch) if dev is None and sparsity is None
             else None,
             "offload": {"gpu_layers": gpu_layers, "device_layers": dev, "weights_device_bytes": weights}
@@ -235,11 +266,12 @@ def _echo_parallel(r: dict) -> None:
 @click.option("--no-flash-attn", is_flag=True, help="Predict for flash attention off (V cache padded per layer).")
 @gpu_layers_option("Predict for N layers (or 'all') on the GPU: what the device holds (default: none, a CPU run).")
 @click.option("--mem", "mem", default=None, help="Device memory with --gpu-layers (does it fit?), else a KV budget.")
+@click.option("--swa-full", is_flag=True, help="Sliding-window models: predict for the full-size SWA cache.")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_layers, mem, as_json):
+def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_layers, mem, swa_full, as_json):
     """Architecture, heads, budgets, and predicted KV bytes full vs mixed for a context."""
     r = inspect_report(model, n_ctx, n_ubatch, n_seq, cache_type, not no_flash_attn, gpu_layers,
-                       parse_size(mem) if mem is not None else None)
+                       parse_size(mem) if mem is not None else None, swa_full)
     if as_json:
         click.echo(json.dumps(r, indent=1))
         return
@@ -251,16 +283,22 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_la
     if r["scores"]:
         click.echo("            head scores stored: any sparsity at load time (--kv-budget, kvtool.kv.sparsity)")
         click.echo("layers      " + " ".join(f"{p['full']}F{p['compressed']}c" for p in r["per_layer"]))
+    for note in r["notes"]:
+        click.echo(f"note        {note}")
     if r["beacon"]:
         cs = r["beacon"]["intervals"]
         click.echo(f"beacon      token {r['beacon']['token_id']}, every {r['beacon']['interval']} tokens"
                    + (f" (trained for {', '.join(map(str, cs))}: --beacon-interval C|auto)" if len(cs) > 1 else ""))
     click.echo(f"KV @ {r['n_ctx']} ctx, ubatch {r['n_ubatch']}, {r['n_seq']} seq, {r['cache_type']}"
                f"{'' if r['flash_attn'] else ', FA off'}:")
-    click.echo(f"  full cache  {_mib(r['stock_bytes'])}")
+    swa = (f" (SWA layers {_mib(r['swa_bytes'])}, {r['swa_cells']} cells{', swa_full' if r['swa_full'] else ''})"
+           if r["n_swa"] else "")
+    click.echo(f"  full cache  {_mib(r['stock_bytes'])}{swa}")
     if r["mixed_active"]:
         rings = ", ".join(f"W{w}: {c} cells" for w, c in r["ring_cells"].items())
-        click.echo(f"  mixed       {_mib(r['mixed_bytes'])} = full heads {_mib(r['full_bytes'])} + rings {_mib(r['ring_bytes'])} ({rings})")
+        swa_part = f" + SWA layers {_mib(r['swa_bytes'])}" if r["n_swa"] else ""
+        click.echo(f"  mixed       {_mib(r['mixed_bytes'])} = full heads {_mib(r['full_bytes'])} + rings "
+                   f"{_mib(r['ring_bytes'] - r['swa_bytes'])} ({rings}){swa_part}")
         click.echo(f"  ratio       {r['ratio']:.3f}")
     kv = r["mixed_bytes"] if r["mixed_active"] else r["stock_bytes"]
     if r["kv_fits"] is not None:
@@ -289,8 +327,9 @@ def inspect_cmd(model, n_ctx, n_ubatch, n_seq, cache_type, no_flash_attn, gpu_la
               help="Concurrency: how many --ctx-token sequences fit (stock vs mixed, f16/q8_0/q4_0), and do N? "
                    "--ctx is then tokens per sequence (auto: 16384).")
 @click.option("--unified", is_flag=True, help="With --parallel: one cache shared by all sequences (--kv-unified).")
+@click.option("--swa-full", is_flag=True, help="Sliding-window models: plan for the full-size SWA cache.")
 @click.option("--json", "as_json", is_flag=True)
-def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, n_parallel, unified, as_json):
+def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, n_parallel, unified, swa_full, as_json):
     """Largest context whose KV cache fits in --mem: full vs mixed vs mixed+q8_0, and what --kv-budget picks.
     With --parallel N: how many sequences of --ctx tokens fit."""
     if n_ctx != "auto":
@@ -310,7 +349,7 @@ def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, n_parallel, unif
         else:
             _echo_parallel(r)
         return
-    r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers, n_ctx)
+    r = plan_report(model, parse_size(mem), n_ubatch, sparsity, gpu_layers, n_ctx, swa_full)
     if as_json:
         click.echo(json.dumps(r, indent=1))
         return
@@ -321,6 +360,8 @@ def plan_cmd(model, mem, sparsity, n_ubatch, n_ctx, gpu_layers, n_parallel, unif
                    f"the rest for KV; mask: {r['mask']}, ubatch {r['n_ubatch']}")
     else:
         click.echo(f"KV budget {_mib(r['budget_bytes'])}, mask: {r['mask']}, ubatch {r['n_ubatch']}")
+    for note in r["notes"]:
+        click.echo(f"  note: {note}")
     base = r["plans"]["full"]["max_ctx"]
     for name, p in r["plans"].items():
         gain = f"  ({p['max_ctx'] / base:.2f}x)" if base and name != "full" else ""

@@ -374,7 +374,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
               help="With --parallel: keep llama-server's log here (default: a temp file removed at exit).")
 @load_options
 def command(model, host, port, model_id, max_queue, default_max_tokens, seed, parallel, server_log, n_ctx, kv_budget,
-            n_ubatch, threads, cache_type, no_mixed, no_beacons, flash_attn, gpu_layers):
+            n_ubatch, threads, cache_type, no_mixed, no_beacons, flash_attn, gpu_layers, swa_full=False):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat completions, completions, models)."""
     try:
         import fastapi  # noqa: F401
@@ -408,7 +408,7 @@ def command(model, host, port, model_id, max_queue, default_max_tokens, seed, pa
         return
     try:
         m = load_model(model, n_ctx, n_ubatch, threads, cache_type, no_mixed, flash_attn, seed, no_beacons,
-                       gpu_layers, kv_budget)
+                       gpu_layers, kv_budget, swa_full=swa_full)
         app = make_app(m, model_id, max_queue, default_max_tokens)
         h, p = sock.getsockname()[:2]
         shown = f"[{h}]" if ":" in h else h

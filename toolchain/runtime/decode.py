@@ -146,6 +146,22 @@ def eval_tokens(llm, tokens: Sequence[int], logits_all: bool = False) -> np.ndar
     return np.concatenate(rows, 0) if logits_all else last
 
 
+def _swa_holds(llm, p0: int) -> bool:
+    """False when a sliding-window model's SWA cache no longer holds the window a token at ``p0`` attends.
+
+    Why: with ``swa_full=False`` (kvtool's default, as llama-cli) the SWA layers keep a ring of about n_swa +
+    n_ubatch cells, and stock llama.cpp's ``seq_rm`` cuts it without complaint; its server makes the same check
+    (the smallest position still cached against ``p0 - n_swa``). Models without sliding layers always pass.
+    """
+    import llama_cpp as lc
+
+    n_swa = int(lc.llama_model_n_swa(llm._model.model))
+    if n_swa <= 0:
+        return True
+    pos_min = int(lc.llama_memory_seq_pos_min(lc.llama_get_memory(llm._ctx.ctx), 0))
+    return pos_min <= max(0, p0 - n_swa)
+
+
 def _reuse_prefix(llm, tokens: list, st: GenStats) -> tuple[int, bool]:
     """(cached tokens kept, exact hit). An exact hit samples from the live logits; otherwise the cache is cut after
     the common prefix (one token is re-evaluated to refresh the logits when the prompt is all cached), or cleared
@@ -162,6 +178,9 @@ def _reuse_prefix(llm, tokens: list, st: GenStats) -> tuple[int, bool]:
     if consumed and llm.n_tokens == len(tokens) and not getattr(llm, "_requires_eval", True):
         return longest, True
     reuse = longest - 1 if consumed else longest
+    if reuse > 0 and not _swa_holds(llm, reuse):
+        reuse = 0  # the sliding-window ring lost what the token at `reuse` must see: re-evaluate
+        st.cache_fallback = True
     if reuse > 0 and llm._ctx.kv_cache_seq_rm(-1, reuse, -1):
         llm.n_tokens = reuse
         llm._requires_eval = True

@@ -10,6 +10,10 @@ Rule (llama.cpp 0c1e570 + kvtool), per cache of `cells` cells and `streams` stre
   full cache cells = n_ctx_seq (n_ctx padded to 256; divided by n_seq when not unified, padded again)
   ring of window W: min(n_ctx_seq, pad256(min(n_ctx_seq, (W + S) * (n_seq if unified else 1) + n_ubatch)))
 A window >= n_ctx_seq is a full head. Heads with equal windows share one ring.
+Sliding-window hybrids (gemma2/3, gpt-oss, cohere2): stock is llama_kv_cache_iswa, a base cache of the global layers
+(n_ctx_seq cells) plus an SWA cache of the sliding layers, pad256(min(n_ctx_seq, n_swa * (n_seq if unified else 1)
++ n_ubatch)) cells, or n_ctx_seq with swa_full. Mixed keeps that SWA cache as it is (its "native" group, counted
+with the rings) and applies the budgets to the global layers only; budgets on sliding layers are ignored.
 """
 from __future__ import annotations
 
@@ -42,6 +46,11 @@ class ModelDims:
     head_dim_k: int
     head_dim_v: int
     n_ctx_train: Optional[int] = None
+    n_swa: int = 0                          # window of the sliding layers, 0 when the model has none
+    is_swa: Optional[tuple[bool, ...]] = None  # per layer (None: no sliding layers)
+
+    def swa_layer(self, il: int) -> bool:
+        return bool(self.n_swa and self.is_swa and self.is_swa[il])
 
 
 @dataclass
@@ -55,6 +64,8 @@ class KVPlan:
     ring_cells: dict[int, int] = field(default_factory=dict)  # window -> cells
     mixed: bool = False
     layer_bytes: tuple[int, ...] = ()  # allocated bytes per layer (all caches), what the device split is made of
+    swa_bytes: int = 0  # the sliding layers' cache of an SWA hybrid (inside stock_bytes, and inside ring_bytes if mixed)
+    swa_cells: int = 0
 
     def device_bytes(self, n_device_layers: int) -> int:
         """KV bytes on the device when llama.cpp offloads the last ``n_device_layers`` layers (offload.device_layers)."""
@@ -74,10 +85,13 @@ def dims_from_gguf(path: str | Path) -> ModelDims:
     """The KV-relevant dims of any GGUF, its header fields validated (``converters.gguf_fields``)."""
     from converters.gguf_budgets import open_gguf
     from converters.gguf_fields import model_fields
+    from converters.gguf_swa import swa_info
 
     with open_gguf(path) as h:
         f = model_fields(h)
-    return ModelDims(f.arch, f.n_layer, f.n_head_kv, f.head_dim_k, f.head_dim_v, f.n_ctx_train)
+        swa = swa_info(h, f.arch, f.n_layer)
+    return ModelDims(f.arch, f.n_layer, f.n_head_kv, f.head_dim_k, f.head_dim_v, f.n_ctx_train,
+                     swa.n_swa if swa.any else 0, swa.is_swa if swa.any else None)
 
 
 def layer_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, streams: int,
@@ -101,8 +115,11 @@ def cache_bytes(dims: ModelDims, heads_per_layer: Sequence[int], cells: int, str
 
 def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: int, n_ctx: int,
             n_ubatch: int = 512, n_seq: int = 1, type_k: str = "f16", type_v: Optional[str] = None,
-            flash_attn: bool = True, unified: bool = False, mixed: bool = True) -> KVPlan:
-    """Bytes the runtime allocates for these settings; ``windows`` [layer][head] (0 = full) or None for stock."""
+            flash_attn: bool = True, unified: bool = False, mixed: bool = True, swa_full: bool = False) -> KVPlan:
+    """Bytes the runtime allocates for these settings; ``windows`` [layer][head] (0 = full) or None for stock.
+
+    ``swa_full`` matters only for sliding-window hybrids (llama.cpp's full-size SWA cache, kvtool's ``--swa-full``).
+    """
     type_v = type_v or type_k
     for t in (type_k, type_v):
         cache_type(t)
@@ -114,22 +131,43 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
     else:
         n_ctx_seq = pad(n_ctx_pad // n_seq, 256)
     streams = 1 if unified else n_seq
-    stock_layers = layer_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
+    swa_layers = [dims.swa_layer(il) for il in range(dims.n_layer)]
+    iswa = any(swa_layers)
+
+    def only(keep) -> list[int]:
+        return [h if keep(il) else 0 for il, h in enumerate(dims.n_head_kv)]
+
+    swa_cells = 0
+    swa_bytes = 0
+    swa_lb = [0] * dims.n_layer
+    if iswa:
+        need = dims.n_swa * (n_seq if unified else 1) + n_ubatch
+        swa_cells = n_ctx_seq if swa_full else pad(min(n_ctx_seq, need), 256)
+        swa_lb = layer_bytes(dims, only(lambda il: swa_layers[il]), swa_cells, streams, type_k, type_v, flash_attn)
+        swa_bytes = sum(swa_lb)
+        base_lb = layer_bytes(dims, only(lambda il: not swa_layers[il]), n_ctx_seq, streams, type_k, type_v, flash_attn)
+        stock_layers = [a + b for a, b in zip(base_lb, swa_lb)]
+    else:
+        stock_layers = layer_bytes(dims, dims.n_head_kv, n_ctx_seq, streams, type_k, type_v, flash_attn)
     stock = sum(stock_layers)
 
     def eff(w: int) -> int:
         return 0 if w >= n_ctx_seq else w
 
-    active = bool(mixed and windows is not None and any(eff(w) > 0 for row in windows for w in row))
+    budget_rows = [] if windows is None else [row for il, row in enumerate(windows) if not swa_layers[il]]
+    active = bool(mixed and windows is not None and any(eff(w) > 0 for row in budget_rows for w in row))
     if not active:
-        return KVPlan(n_ctx_pad, n_ctx_seq, stock, stock, 0, n_ctx_seq, {}, False, tuple(stock_layers))
+        return KVPlan(n_ctx_pad, n_ctx_seq, stock, stock, 0, n_ctx_seq, {}, False, tuple(stock_layers),
+                      swa_bytes, swa_cells)
 
-    groups = sorted({eff(w) for row in windows for w in row})
+    # the sliding layers' heads are the native group: never in a budget group
+    per_layer_windows = [[None] * len(row) if swa_layers[il] else [eff(w) for w in row] for il, row in enumerate(windows)]
+    groups = sorted({w for row in per_layer_windows for w in row if w is not None})
     full_bytes = ring_bytes = 0
     ring_cells: dict[int, int] = {}
-    layers = [0] * dims.n_layer
+    layers = list(swa_lb)
     for w in groups:
-        per_layer = [sum(1 for x in row if eff(x) == w) for row in windows]
+        per_layer = [sum(1 for x in row if x == w) for row in per_layer_windows]
         if w == 0:
             lb = layer_bytes(dims, per_layer, n_ctx_seq, streams, type_k, type_v, flash_attn)
             full_bytes = sum(lb)
@@ -140,5 +178,5 @@ def predict(dims: ModelDims, windows: Optional[Sequence[Sequence[int]]], sink: i
             lb = layer_bytes(dims, per_layer, cells, streams, type_k, type_v, flash_attn)
             ring_bytes += sum(lb)
         layers = [a + b for a, b in zip(layers, lb)]
-    return KVPlan(n_ctx_pad, n_ctx_seq, stock, full_bytes, ring_bytes, n_ctx_seq if 0 in groups else 0,
-                  ring_cells, True, tuple(layers))
+    return KVPlan(n_ctx_pad, n_ctx_seq, stock, full_bytes, ring_bytes + swa_bytes, n_ctx_seq if 0 in groups else 0,
+                  ring_cells, True, tuple(layers), swa_bytes, swa_cells)

@@ -86,7 +86,8 @@ def _note(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _check_memory(dims, budgets, n_ctx: int, n_ubatch: int, cache_type: str, flash_attn: bool) -> None:
+def _check_memory(dims, budgets, n_ctx: int, n_ubatch: int, cache_type: str, flash_attn: bool,
+                  swa_full: bool = False) -> None:
     """Refuse a context whose KV cache alone exceeds this machine's memory (before llama.cpp tries for minutes)."""
     from .memory import predict
 
@@ -96,7 +97,7 @@ def _check_memory(dims, budgets, n_ctx: int, n_ubatch: int, cache_type: str, fla
         return
     try:
         plan = predict(dims, budgets.head_window if budgets else None, budgets.sink if budgets else 0, n_ctx,
-                       n_ubatch, 1, cache_type, cache_type, flash_attn, mixed=budgets is not None)
+                       n_ubatch, 1, cache_type, cache_type, flash_attn, mixed=budgets is not None, swa_full=swa_full)
     except KvtoolError:
         return  # llama.cpp judges layouts the formula does not cover
     need = plan.mixed_bytes if budgets is not None else plan.stock_bytes
@@ -158,7 +159,7 @@ class Model:
     """
 
     def __init__(self, llm, path: Path, budgets, dims, mixed_requested: Optional[bool], flash_attn: bool,
-                 cache_type: str, n_ctx_requested: int):
+                 cache_type: str, n_ctx_requested: int, swa_full: bool = False):
         self._llm = llm
         self.path = path
         self.name = path.name
@@ -168,6 +169,7 @@ class Model:
         self.flash_attn = flash_attn
         self.cache_type = cache_type
         self._n_ctx_requested = n_ctx_requested
+        self.swa_full = swa_full
         self.n_threads = llm.n_threads
         self.last_stats: Optional[GenStats] = None
         self.beacons = False  # route generation through the beacon loop (set by load)
@@ -183,7 +185,7 @@ class Model:
              flash_attn: Optional[bool] = None, seed: int = 0, verbose: bool = False,
              beacons: Optional[bool] = None, n_gpu_layers: Union[None, int, str] = None,
              sparsity: Optional[float] = None, window: Optional[int] = None, sink: Optional[int] = None,
-             kv_budget: Union[None, int, str] = None,
+             kv_budget: Union[None, int, str] = None, swa_full: bool = False,
              beacon_interval: Union[None, int, str] = None, beacon_budget: Optional[int] = None) -> "Model":
         """Load a GGUF.
 
@@ -198,6 +200,9 @@ class Model:
         ``beacon_budget`` bytes (a hard cap as well). Both need a file with beacon keys.
         ``n_gpu_layers``: an int >= 0 or "all"; None means all when the runtime has a GPU device, else 0. GPU layers
         asked of a CPU-only runtime give one warning line and a CPU run (``toolchain.runtime.offload``).
+        ``swa_full``: sliding-window hybrids only (Gemma-2/3, gpt-oss). False (llama-cli's default) sizes the SWA
+        layers' cache to about n_swa + n_ubatch cells; True keeps every position there too, which costs memory but
+        lets a new prompt reuse a long cached prefix (docs/memory.md, "Sliding-window models").
         ``sparsity``/``window``/``sink``: rebuild the file's budgets at load time from its ``kvtool.heads.scores``
         (the ``kvtool.kv.sparsity``/``.window`` and ``kvtool.kv.sink`` overrides; ``toolchain.runtime.budget_overrides``).
         ``kv_budget``: bytes or a size such as "2GiB": the smallest sparsity whose KV cache fits for ``n_ctx``, or with
@@ -279,7 +284,9 @@ class Model:
         # default ON with budgets (mixed V savings need it) and for a quantized cache (llama.cpp needs it for V)
         fa = (has_budgets or quantized) if flash_attn is None else bool(flash_attn)
         check_flash_attn(cache_type, fa)
-        _check_memory(dims, budgets if has_budgets and mixed is not False else None, n_ctx, n_ubatch, cache_type, fa)
+        swa_full = bool(swa_full)
+        _check_memory(dims, budgets if has_budgets and mixed is not False else None, n_ctx, n_ubatch, cache_type, fa,
+                      swa_full)
         require_patched()
         gpu_layers = resolve_gpu_layers(n_gpu_layers, what="n_gpu_layers")
         threads = int(n_threads) if n_threads is not None else _default_threads()
@@ -287,10 +294,10 @@ class Model:
             llm = _cls()(str(p), n_ctx=int(n_ctx), n_batch=max(512, int(n_ubatch)), n_ubatch=int(n_ubatch),
                          n_threads=threads, n_threads_batch=threads, flash_attn=fa, type_k=tid, type_v=tid,
                          seed=int(seed), kv_overrides=overrides, n_gpu_layers=llama_value(gpu_layers),
-                         verbose=verbose)
+                         swa_full=swa_full, verbose=verbose)
         except (ValueError, RuntimeError, OSError) as e:
             raise KvtoolError(f"{p}: llama.cpp could not load it ({e})", code=1) from e
-        m = cls(llm, p, budgets, dims, mixed, fa, cache_type, int(n_ctx))
+        m = cls(llm, p, budgets, dims, mixed, fa, cache_type, int(n_ctx), swa_full)
         m.beacons = has_beacons if beacons is None else bool(beacons)
         m.n_gpu_layers = gpu_layers
         if has_beacons:
@@ -354,7 +361,7 @@ class Model:
         windows = self.budgets.head_window if self.budgets is not None else None
         plan = predict(self.dims, windows, self.budgets.sink if self.budgets else 0, self._n_ctx_requested,
                        n_ubatch=self.n_ubatch, n_seq=1, type_k=self.cache_type, type_v=self.cache_type,
-                       flash_attn=self.flash_attn, mixed=active)
+                       flash_attn=self.flash_attn, mixed=active, swa_full=self.swa_full)
         alloc = full_b + ring_b
         return {"mixed": bool(active), "full_bytes": full_b, "ring_bytes": ring_b, "allocated_bytes": alloc,
                 "stock_bytes": plan.stock_bytes, "predicted_bytes": plan.mixed_bytes,

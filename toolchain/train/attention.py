@@ -174,6 +174,8 @@ def mixed_attention(
     scale: Optional[float] = None,
     dropout: float = 0.0,
     backend: str = "reference",
+    sinks: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-KV-head windowed attention, optionally RLKV-gated; returns float32 ``[B, n_head, T, d]``.
 
@@ -187,6 +189,10 @@ def mixed_attention(
     ``scaled_dot_product_attention`` in the input dtype with the same boolean masks, for GPU training.
     A query row that sees no key (only padding queries, since k = p is always visible otherwise) outputs 0: letting
     it softmax over -inf would put NaN into gradients that reach the gates through earlier layers.
+
+    ``sinks`` ``[n_head]``: learned sink logits (gpt-oss), one extra softmax column per query head that takes
+    probability mass and contributes no value; they belong to their head, so they move with it like its K/V.
+    ``softcap``: Gemma-2's ``tanh(scores / c) * c`` before masking. Both need the reference backend.
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -216,15 +222,27 @@ def mixed_attention(
     if gates is not None:
         vis_full = with_extra(visibility_mask(qp, kp, 0, sink).unsqueeze(1))  # [b, 1, T, Tk]
 
+    if (sinks is not None or softcap) and backend != "reference":
+        raise ValueError("learned sinks and attention softcapping need backend='reference'")
+
     if backend == "reference":
         qf = q.float().reshape(B, Hkv, G, T, D)
         kf, vf = k.float(), v.float()
         scores = torch.einsum("bhgtd,bhsd->bhgts", qf, kf) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        sink_col = None
+        if sinks is not None:
+            sink_col = sinks.to(device=dev, dtype=torch.float32).reshape(1, Hkv, G, 1, 1).expand(B, Hkv, G, T, 1)
 
         def attend(vis: torch.Tensor) -> torch.Tensor:
             vis = vis.unsqueeze(2)  # group dim
             seen = vis.any(-1, keepdim=True)
-            probs = torch.softmax(scores.masked_fill(~(vis | ~seen), float("-inf")), dim=-1)
+            logits = scores.masked_fill(~(vis | ~seen), float("-inf"))
+            if sink_col is None:
+                probs = torch.softmax(logits, dim=-1)
+            else:
+                probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
             if dropout > 0.0:
                 probs = F.dropout(probs, p=dropout, training=True)
             return torch.einsum("bhgts,bhsd->bhgtd", probs, vf) * seen
@@ -369,6 +387,10 @@ def _attention_fn(
         layer = module.layer_idx
         windows, sink, backend, segments = state.windows[layer], state.sink, state.backend, state.segments
         gates = None if state.gates is None else state.gates[layer]
+        if getattr(module, "sliding_window", None):
+            # a sliding-window layer of a hybrid (Gemma-2/3, gpt-oss) keeps the model's own window, already in the
+            # mask: kvtool budgets apply to the global layers only (docs/semantics.md, "Sliding-window models")
+            windows, gates = torch.zeros_like(windows), None
 
     if segments is not None:
         if Tq != Tk or segments.chunk.shape[-1] != Tk:
@@ -383,6 +405,7 @@ def _attention_fn(
         query, key, value, windows, sink, q_pos, k_pos,
         gates=gates, extra_mask=extra, scale=scaling,
         dropout=dropout if module.training else 0.0, backend=backend,
+        sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
     )
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 

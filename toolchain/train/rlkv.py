@@ -592,6 +592,11 @@ def train(cfg: TrainConfig, reward_fn: RewardFn = score, progress: bool = True,
     else:
         extra.update(seq_len=cfg.duo_seq_len)
     mask = export_heads(gates, cfg, _model_info(model, cfg.model), extra)
+    from ..swa_mask import restrict_to_global, swa_layers_of_config
+
+    mask, note = restrict_to_global(mask, swa_layers_of_config(model.config))  # SWA hybrids: global heads only
+    if note and rank == 0:
+        echo(f"kvtool: {note}")
     heads_path = Path(cfg.output) if cfg.output else out_dir / "heads.json"
     plot_path = None
     if rank == 0:
