@@ -353,11 +353,19 @@ main(sys.argv[1:])
 """
 
 
+def _default_signals() -> None:
+    """The convert starts as from a terminal: a runner under nohup or in a background job ignores SIGHUP/SIGINT,
+    and ignored signals are inherited, which would test the runner instead of kvtool."""
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_16_signal_during_convert_leaves_no_temp_file(tiny_gguf, heads_json, tmp_path, sig):
     out = tmp_path / "out.gguf"
     p = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, "convert", str(tiny_gguf), "--mask", str(heads_json),
-                          "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                          "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         preexec_fn=_default_signals)
     assert p.stdout.readline().strip() == "writing"
     assert len(list(tmp_path.glob(".out.gguf.*"))) == 1  # the temp file exists while writing
     p.send_signal(sig)

@@ -20,7 +20,7 @@ import json
 import time
 from typing import Optional
 
-from .serve import _BadRequest, sampling_args
+from .request_checks import _BadRequest, sampling_args
 
 _PASS_STATUS = range(400, 500)
 
