@@ -27,6 +27,7 @@ from typing import Optional
 import click
 
 from ..errors import KvtoolError
+from .closing_stream import closing_stream_class
 from .generate import kv_summary, load_model, load_options, run_standalone
 from .request_checks import _BadRequest, sampling_args, stream_flags
 
@@ -36,23 +37,9 @@ _DONE = object()
 def make_app(model, model_id: Optional[str] = None, max_queue: int = 16, default_max_tokens: int = 512):
     """The FastAPI app over ``model`` (tests build it directly too)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
 
-    class _ClosingStream(StreamingResponse):
-        """Closes the body generator however the response ends. With ASGI 2.4 servers a client that goes away
-        makes ``send`` raise and Starlette just drops the generator; its ``finally`` (stop the generation, free
-        the lock) would then wait for garbage collection and every later request would queue behind it."""
-
-        def __init__(self, body, on_close, **kw):
-            super().__init__(body, **kw)
-            self._on_close = on_close
-
-        async def __call__(self, scope, receive, send):
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                self._on_close()  # also when the body never started (headers could not be sent)
-                await self.body_iterator.aclose()
+    _ClosingStream = closing_stream_class()
 
     model_id = model_id or model.name
     created = int(time.time())

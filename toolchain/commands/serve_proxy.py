@@ -20,6 +20,7 @@ import json
 import time
 from typing import Optional
 
+from .closing_stream import closing_stream_class
 from .request_checks import _BadRequest, sampling_args
 
 _PASS_STATUS = range(400, 500)
@@ -59,21 +60,9 @@ def make_proxy_app(sock: str, model_id: str, parallel: int, n_ctx: int, default_
     """The FastAPI front over llama-server listening on the Unix socket ``sock``."""
     import httpx
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
 
-    class _ClosingStream(StreamingResponse):
-        """Closes the upstream response however the client's response ends (see serve._ClosingStream)."""
-
-        def __init__(self, body, on_close, **kw):
-            super().__init__(body, **kw)
-            self._on_close = on_close
-
-        async def __call__(self, scope, receive, send):
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                await self._on_close()
-                await self.body_iterator.aclose()
+    _ClosingStream = closing_stream_class()
 
     created = int(time.time())
     app = FastAPI(title="kvtool", version="1")
