@@ -20,7 +20,7 @@ QUANT_VARIANTS = tuple(n for n in NAMES if "+" in n)  # stock+q8_0, stock+q4_0, 
 @click.command("eval")
 @click.argument("models", nargs=-1, type=click.Path())
 @click.option("--task", default=None, help="Task spec: a reasoning-gym dataset (chain_sum, simple_equations, "
-              "gsm_symbolic, ... with optional :key=value,...) or a local task (long_addition).")
+              "gsm_symbolic, ... with optional :key=value,...) or a local task (long_addition, cyclic_sum, passkey:ctx=N).")
 @click.option("--n", "n", type=int, default=200, show_default=True, help="Problems per file/variant.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Dataset seed.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Generation cap per problem.")

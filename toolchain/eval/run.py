@@ -54,7 +54,7 @@ from ..runtime.kv_usage import bytes_per_cell, live_bytes, mixed_active, retaine
 from ..runtime.library import runtime_info
 from ..runtime.model import Model
 from ..runtime.offload import parse_gpu_layers, resolve_gpu_layers
-from ..tasks import INSTRUCTION, build_prompt, make_dataset, score, task_metrics
+from ..tasks import INSTRUCTION, build_prompt, make_dataset, needs_tokenizer, score, task_metrics
 from .records import check_writable, jsonl_path, qhash, read_records, run_key
 from .report import plot_pareto
 from .stats import is_repetitive, wilson
@@ -239,7 +239,10 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
         raise KvtoolError("--out and --plot name the same file")
     parse_gpu_layers(gpu_layers)
     vs = resolve_variants(models, variants)
-    problems = make_dataset(task, n, seed)
+    per_file = needs_tokenizer(task)
+    # a task sized in model tokens (passkey) gets its problems per file, from that file's tokenizer, in the loop
+    problems = make_dataset(task, 0 if per_file else n, seed)  # bad task options fail here, before any load
+    file_problems: dict[str, list] = {}
     metric_fn = task_metrics(task)
     log_p = jsonl_path(out_p) if out_p is not None else None
     if log_p is not None:
@@ -266,6 +269,17 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
             model = None
             vcache = v.cache_type(cache_type)
             try:
+                if per_file:
+                    fkey = str(v.path.resolve())
+                    if fkey not in file_problems:
+                        model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
+                                           cache_type=vcache, mixed=v.mixed, beacons=v.beacons,
+                                           n_gpu_layers=gpu_layers, **bkw(v))
+                        tok = model.tokenize
+                        file_problems[fkey] = make_dataset(task, n, seed, count_tokens=lambda t: len(tok(t)))
+                        model.close()
+                        model = None
+                    problems = file_problems[fkey]
                 if ctx_len is None:
                     # prompt lengths need the model's tokenizer: load once to measure them
                     model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
@@ -315,6 +329,8 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                                    "mixed_active": stats["mixed"], "prefill_s": round(g["prefill_s"], 6),
                                    "decode_s": round(g["decode_s"], 6), "n_decodes": g["n_decodes"],
                                    "completion": g["text"]}
+                            if p.info:
+                                rec["problem"] = p.info
                             if v.beacons:
                                 rec["beacons"] = {k: g["beacon_stats"][k] for k in
                                                   ("interval", "beacons", "evicted", "peak_live_cells", "next_pos",

@@ -40,6 +40,8 @@ class Problem:
     # (no instruction, no chat template) and, with ``extract=False``, the scorer gets the whole completion.
     prompt: Optional[str] = field(default=None, repr=False)
     extract: bool = True
+    # What eval writes into each record next to the result (e.g. passkey's depth and prompt token count).
+    info: Optional[dict] = field(default=None, repr=False, compare=False)
 
 
 # --- task specs ------------------------------------------------------------------------------------------------
