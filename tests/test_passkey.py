@@ -152,7 +152,7 @@ def passkey_tiny(tmp_path_factory, patched_runtime):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines * 3), model_writer=buf, vocab_size=n_vocab, model_type="bpe", num_threads=1,
         hard_vocab_limit=True, byte_fallback=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, minloglevel=2)
+        pad_id=-1, minloglevel=2, user_defined_symbols=["\n"], normalization_rule_name="identity")
     (hf / "tokenizer.model").write_bytes(buf.getvalue())
     return hf_to_gguf(hf, d / "passkey-tiny.gguf", "f32")
 
@@ -188,3 +188,12 @@ def test_eval_end_to_end(passkey_tiny, tmp_path):
     # a bad option is one line before anything loads
     r = CliRunner().invoke(eval_cmd, [str(masked), "--task", "passkey:ctx=big", "-q"])
     assert isinstance(r.exception, KvtoolError) and "option ctx must be int" in str(r.exception)
+
+
+def test_unencodable_vocabulary_is_an_error_not_an_abort(tiny_gguf, patched_runtime):
+    """The session's tiny llama has no digits or capitals and no byte fallback: sizing the prompts must stop with
+    kvtool's error before llama.cpp's tokenizer would abort the process."""
+    from toolchain.eval import run_eval
+
+    with pytest.raises(KvtoolError, match="cannot encode"):
+        run_eval([tiny_gguf], "passkey:ctx=256", n=1, max_tokens=4, threads=1, progress=False)

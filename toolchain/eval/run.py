@@ -212,6 +212,15 @@ def _prompt_tokens(model, problem) -> tuple[list[int], list[str]]:
     return model.tokenize(text), []
 
 
+def _token_counter(model) -> Callable[[str], int]:
+    """``count_tokens`` for a task sized in model tokens: the prompt as :func:`_prompt_tokens` encodes a verbatim
+    prompt, checked first so a vocabulary without byte fallback gives an error, not a llama.cpp abort."""
+    def count(text: str) -> int:
+        check_text(model, text, "prompt")
+        return len(model.tokenize(text))
+    return count
+
+
 # --- task evaluation -----------------------------------------------------------------------------------------------
 def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed: int = 0,
              variants: Optional[Sequence[str]] = None, max_tokens: int = 512, n_ctx: Optional[int] = None,
@@ -275,8 +284,7 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
                         model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
                                            cache_type=vcache, mixed=v.mixed, beacons=v.beacons,
                                            n_gpu_layers=gpu_layers, **bkw(v))
-                        tok = model.tokenize
-                        file_problems[fkey] = make_dataset(task, n, seed, count_tokens=lambda t: len(tok(t)))
+                        file_problems[fkey] = make_dataset(task, n, seed, count_tokens=_token_counter(model))
                         model.close()
                         model = None
                     problems = file_problems[fkey]
