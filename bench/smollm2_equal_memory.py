@@ -47,9 +47,12 @@ def _s(s: float) -> str:
 def rows() -> list[dict]:
     """The table: name, the GGUF it runs on (a stem in --work), the eval variant, and what it is."""
     t50 = "trained_s0.5"
-    out = [{"name": "full", "file": t50, "variant": "full", "kind": "full", "s": 0.0},
-           {"name": "stock+q8_0", "file": t50, "variant": "stock+q8_0", "kind": "quant", "s": 0.0},
-           {"name": "stock+q4_0", "file": t50, "variant": "stock+q4_0", "kind": "quant", "s": 0.0}]
+    # full and stock rows: any file with budgets, loaded with kvtool.kv.enabled=false (same weights, every head full,
+    # flash attention on as in the mixed rows); this one exists before the trained mask does
+    ref = "random_s0.5_seed0"
+    out = [{"name": "full", "file": ref, "variant": "full", "kind": "full", "s": 0.0},
+           {"name": "stock+q8_0", "file": ref, "variant": "stock+q8_0", "kind": "quant", "s": 0.0},
+           {"name": "stock+q4_0", "file": ref, "variant": "stock+q4_0", "kind": "quant", "s": 0.0}]
     for s in SPARSITIES:
         out.append({"name": f"trained_s{_s(s)}", "file": f"trained_s{_s(s)}", "variant": "mixed", "kind": "trained",
                     "s": s})
@@ -138,7 +141,7 @@ def ppl(work: Path, sel: list[dict], threads: int) -> None:
             print(f"[skip] {out.name} exists", flush=True)
             continue
         quant = [v for v in variants if "+" in v]
-        mixed = "mixed" in variants or stem != "trained_s0.5"
+        mixed = "mixed" in variants
         vs = ",".join((["mixed"] if mixed else ["full"]) + quant)
         print(f"$ kvtool eval {stem}.gguf --ppl verne --ppl-tokens {PPL_TOKENS} --n-ctx {PPL_CTX} --ubatch {UBATCH} "
               f"--cache-type f16 --variants {vs} --threads {threads} --out {out.name}", flush=True)
@@ -202,7 +205,12 @@ def report(work: Path) -> None:
                             "kv_heads": r.get("kv_heads"), "cache_type": r["cache_type"],
                             "prompt_tokens": [min(x["prompt_tokens"] for x in mine), max(x["prompt_tokens"] for x in mine)]
                             if mine else None,
-                            "prefill_tok_s": r["prefill_tok_s"]}
+                            "prefill_tok_s": r["prefill_tok_s"],
+                            # [correct, n] for needle depth in [0, .25), [.25, .5), [.5, .75), [.75, 1)
+                            "by_depth_quarter": [[sum(1 for x in mine if q <= 4 * x["problem"]["depth"] < q + 1
+                                                      and x["reward"] >= 1.0),
+                                                  sum(1 for x in mine if q <= 4 * x["problem"]["depth"] < q + 1)]
+                                                 for q in range(4)] if mine else None}
         entry["passkey"] = pk
         pp = work / "ppl" / f"{row['file']}.json"
         if pp.exists():

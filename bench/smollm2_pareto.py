@@ -103,7 +103,7 @@ def plot(table: Sequence[dict], out: Path) -> Path:
                                                                          [x + 0.006 * span, y + 0.02]]))
                   for x, y in shown]
         items, seen = [], set()
-        for (r, v), x, y in zip(pts, xs, ys):
+        for (r, _v), x, y in zip(pts, xs, ys):
             text = _label(r)
             if text in seen:
                 continue

@@ -5,8 +5,16 @@
 Tasks sit beside the runtime: training and eval import them; the runtime never does.
 """
 from .base import INSTRUCTION, Problem, build_prompt, encode_prompt, extract_answer, parse_task, score
-from .registry import (TASK_SPECS, make_dataset, make_problems, needs_tokenizer, register_metrics, register_task,
-                       task_metrics, task_spec)
+from .registry import (
+    TASK_SPECS,
+    make_dataset,
+    make_problems,
+    needs_tokenizer,
+    register_metrics,
+    register_task,
+    task_metrics,
+    task_spec,
+)
 
 __all__ = ["INSTRUCTION", "Problem", "TASK_SPECS", "build_prompt", "encode_prompt", "extract_answer", "make_dataset",
            "make_problems", "needs_tokenizer", "parse_task", "register_metrics", "register_task", "score",
