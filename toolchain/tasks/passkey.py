@@ -1,8 +1,8 @@
 """``passkey``: a 5-digit key hidden at a random depth in filler text, asked for at the end (``passkey:ctx=1024``).
 
-Why this task: it is the smallest test of long-range retrieval a 135M model can pass with a full cache. The key sits
-anywhere from the first to the last filler sentence, so a compressed head (window W plus S sink tokens) can only
-see it when it falls in the last W tokens; whether a mask keeps the heads that *retrieve* is what the score shows.
+Why this task: it is a long-range retrieval test that a 135M model passes with a full cache. The key sits anywhere
+from the first to the last filler sentence, so a compressed head (S sink tokens plus a window of W) sees it directly
+only when it falls in the last W tokens; whether a mask keeps the heads that *retrieve* is what the score shows.
 
 Prompt (raw completion, no chat template)::
 
@@ -12,20 +12,22 @@ Prompt (raw completion, no chat template)::
 
     What is the pass key? The pass key is
 
-Why raw completion: checked on SmolLM2-135M-Instruct (Q4_1, full f16 cache, 1K tokens); the plain continuation
-"The pass key is" makes the model copy the five digits as its next tokens, while the chat template turns the same
-text into a user turn that the 135M instruct model answers with a sentence in which the digits are often altered
-(numbers in ``docs/benchmarks.md``, SmolLM2 passkey section). The answer must be the first run of digits in the
-completion, exactly the five digits of the key (``score_completion``).
+Why raw completion: both formats retrieve on SmolLM2-135M-Instruct (Q4_1, full f16 cache, the 5 problems of seed 0
+at 1K): raw 5/5, each answered as its first tokens (" 54877."); chat template 5/5, each answered as "The pass key is
+54877." and once rambling on (probe in docs/benchmarks.md, SmolLM2 passkey section). Raw wins on the rest: the prompt
+the model sees is exactly the text that was sized (the template adds 26 tokens around it), the key comes in the
+first 6 generated tokens so ``--max-tokens 8`` is enough, and eval's chat path would add the ``<answer>`` instruction
+of the reasoning tasks, which this task does not use. The answer is the first run of digits in the completion,
+exactly the five digits of the key (``score_completion``).
 
 Length is in *model tokens*: ``ctx`` is the context the prompt must fill. The filler is the sentences cycled word by
 word, and the word count is searched (bisection on the real token count) so the prompt is the longest that leaves
 ``RESERVE`` tokens for the answer: between ``(ctx - RESERVE) * (1 - TOLERANCE)`` and ``ctx - RESERVE`` tokens (at 1K:
 978 to 1008). The needle goes at the sentence start nearest to the drawn depth. That needs the model's tokenizer,
 which tasks cannot import (they sit beside the runtime): the caller passes ``count_tokens(text) -> int`` (the prompt
-as the runtime encodes it, BOS included); ``kvtool eval`` passes the loaded model's. Each problem records its depth
-(drawn uniform in [0, 1); the needle lands at the nearest sentence start, ``words_before`` of ``filler_words``), the needle's token offset and the prompt's
-token count in ``Problem.info``, which eval writes into every record.
+as the runtime encodes it, BOS included); ``kvtool eval`` passes the loaded model's. Each problem records in
+``Problem.info`` (which eval writes into every record) its depth (drawn uniform in [0, 1); the needle lands at the
+nearest sentence start, ``words_before`` of ``filler_words``), the needle's token offset and the prompt's token count.
 """
 from __future__ import annotations
 
