@@ -151,17 +151,30 @@ def ppl(work: Path, sel: list[dict], threads: int) -> None:
 
 
 # --- report ---------------------------------------------------------------------------------------------------
-def _eval_rows(work: Path) -> dict[tuple[int, str, str], tuple[dict, int]]:
-    """(ctx, file stem, variant) -> (summary row, ctx) from every eval JSON in the work folder."""
+def _eval_rows(work: Path, recs: list[dict]) -> dict[tuple[int, str, str], dict]:
+    """(ctx, file stem, variant) -> a summary made from the per-problem records (not the eval JSON: a run stopped
+    and resumed with fewer variants rewrites that JSON with only its own rows; the records keep everything)."""
+    from converters.gguf_budgets import read_budgets
+
+    groups: dict[tuple[int, str, str], dict[int, dict]] = {}
+    for x in recs:  # a later record of the same problem replaces an earlier one
+        groups.setdefault((x["ctx"], x["file"], x["variant"]), {})[int(x["index"])] = x
     found = {}
-    for p in sorted((work / "eval").glob("passkey_ctx*_*.json")):
-        if p.suffix != ".json":
-            continue
-        ctx = int(p.name.split("_")[1][3:])
-        stem = p.stem.split("_", 2)[2]
-        res = json.loads(p.read_text())
-        for r in res["rows"]:
-            found[(ctx, stem, r["variant"])] = r
+    for (ctx, stem, variant), by_index in groups.items():
+        mine = list(by_index.values())
+        keys = {x["key"] for x in mine}
+        if len(keys) > 1:
+            raise KvtoolError(f"{stem} {variant} at ctx {ctx}: records of {len(keys)} different run settings")
+        b = read_budgets(work / f"{stem}.gguf")
+        flat = [w for r in b.head_window for w in r] if b is not None and b.head_window else []
+        mixed = bool(mine[-1]["mixed_active"])
+        pre_t, pre_s = sum(x["prompt_tokens"] for x in mine), sum(x["prefill_s"] for x in mine)
+        found[(ctx, stem, variant)] = {
+            "n": len(mine), "correct": sum(1 for x in mine if x["reward"] >= 1.0),
+            "allocated_kv_bytes": mine[-1]["allocated_kv_bytes"], "stock_kv_bytes": mine[-1]["stock_kv_bytes"],
+            "mixed_active": mixed, "compressed_heads": sum(1 for w in flat if w > 0) if mixed else 0,
+            "kv_heads": len(flat) or None, "cache_type": mine[-1]["cache_type"],
+            "prefill_tok_s": pre_t / pre_s if pre_s > 0 else None, "records": mine}
     return found
 
 
@@ -184,8 +197,8 @@ def report(work: Path) -> None:
     from toolchain.heads import write_atomic
 
     DOCS.mkdir(parents=True, exist_ok=True)
-    evals = _eval_rows(work)
     recs = _records(work)
+    evals = _eval_rows(work, recs)
     table = []
     for row in rows():
         entry = {k: row[k] for k in ("name", "kind", "s", "variant") if k in row}
@@ -196,21 +209,20 @@ def report(work: Path) -> None:
         for (ctx, stem, variant), r in sorted(evals.items()):
             if stem != row["file"] or variant != row["variant"]:
                 continue
-            mine = [x for x in recs if x["ctx"] == ctx and x["file"] == stem and x["variant"] == variant]
-            # the summary's own accuracy is over its n problems; the record log may hold older runs with other keys
-            pk[str(ctx)] = {"n": r["n"], "correct": r["correct"], "accuracy": r["accuracy"],
+            mine = r["records"]
+            acc = r["correct"] / r["n"]
+            pk[str(ctx)] = {"n": r["n"], "correct": r["correct"], "accuracy": acc,
                             "ci95": list(wilson(r["correct"], r["n"])),
                             "allocated_kv_bytes": r["allocated_kv_bytes"], "stock_kv_bytes": r["stock_kv_bytes"],
-                            "compressed_heads": r.get("compressed_heads") if r.get("mixed_active") else 0,
-                            "kv_heads": r.get("kv_heads"), "cache_type": r["cache_type"],
-                            "prompt_tokens": [min(x["prompt_tokens"] for x in mine), max(x["prompt_tokens"] for x in mine)]
-                            if mine else None,
+                            "compressed_heads": r["compressed_heads"], "kv_heads": r["kv_heads"],
+                            "cache_type": r["cache_type"],
+                            "prompt_tokens": [min(x["prompt_tokens"] for x in mine), max(x["prompt_tokens"] for x in mine)],
                             "prefill_tok_s": r["prefill_tok_s"],
                             # [correct, n] for needle depth in [0, .25), [.25, .5), [.5, .75), [.75, 1)
                             "by_depth_quarter": [[sum(1 for x in mine if q <= 4 * x["problem"]["depth"] < q + 1
                                                       and x["reward"] >= 1.0),
                                                   sum(1 for x in mine if q <= 4 * x["problem"]["depth"] < q + 1)]
-                                                 for q in range(4)] if mine else None}
+                                                 for q in range(4)]}
         entry["passkey"] = pk
         pp = work / "ppl" / f"{row['file']}.json"
         if pp.exists():
@@ -241,7 +253,7 @@ def report(work: Path) -> None:
         if name is not None:
             slim[(x["ctx"], name, x["index"])] = {"row": name, "ctx": x["ctx"], **{k: x[k] for k in keep},
                                                   **(x.get("problem") or {})}
-    out = {"kvtool_bench": "smollm2_equal_memory", "model": MODEL.name, "heads": "duo_heads.json",
+    out = {"kvtool_bench": "smollm2_equal_memory", "model": MODEL.name, "heads": "duo/heads.json",
            "settings": {"task": "passkey:ctx=N", "seed": 0, "max_tokens": MAX_TOKENS, "n_ubatch": UBATCH,
                         "cache_type": "f16 (quant rows: their own)", "sink": 16, "window": 64,
                         "ppl": {"text": "verne", "tokens": PPL_TOKENS, "n_ctx": PPL_CTX, "cache_type": "f16"}},

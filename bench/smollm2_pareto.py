@@ -25,6 +25,10 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
+def _seeds(k: int) -> str:
+    return f"random mask ({k} seed{'s' if k != 1 else ''})"
+
+
 def _label(r: dict) -> str:
     if r["kind"] == "random":
         return f"random s={r['s']:g}"
@@ -73,7 +77,7 @@ def plot(table: Sequence[dict], out: Path) -> Path:
         xs = [v["allocated_kv_bytes"] / 2**20 for _, v in pts]
         ys = [v["accuracy"] for _, v in pts]
         span = max(xs) - min(xs) or 1.0
-        shown = []
+        shown, bars = [], []
         for kind in STYLE:
             idx = [i for i, (r, _) in enumerate(pts) if r["kind"] == kind]
             if not idx:
@@ -81,35 +85,41 @@ def plot(table: Sequence[dict], out: Path) -> Path:
             marker, color, size = STYLE[kind]
             # random seeds share their x (same bytes): spread them a little so each error bar shows
             jit = [((pts[i][0].get("seed", 1) - 1) * 0.012 * span) if kind == "random" else 0.0 for i in idx]
+            name = NAMES[kind] if kind != "random" else _seeds(len({pts[i][0].get("seed") for i in idx}))
             ax.errorbar([xs[i] + j for i, j in zip(idx, jit)], [ys[i] for i in idx],
                         yerr=[[ys[i] - pts[i][1]["ci95"][0] for i in idx], [pts[i][1]["ci95"][1] - ys[i] for i in idx]],
-                        fmt=marker, color=color, ms=size, capsize=3, alpha=0.85, label=NAMES[kind], lw=1)
+                        fmt=marker, color=color, ms=size, capsize=3, alpha=0.85, label=name, lw=1)
             shown += [(xs[i] + j, ys[i]) for i, j in zip(idx, jit)]
+            bars += [(xs[i] + j, pts[i][1]["ci95"][0], pts[i][1]["ci95"][1]) for i, j in zip(idx, jit)]
         front = pareto(list(zip(xs, ys)))
-        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", ls="--", color="black", lw=1,
-                alpha=0.6, label="Pareto front")
+        ax.step([xs[i] for i in front] + [max(xs)], [ys[i] for i in front] + [ys[front[-1]]], where="post", ls="--",
+                color="black", lw=1, alpha=0.6)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "o", ms=15, mfc="none", mec="black", alpha=0.6,
+                label="Pareto front (best accuracy for its memory)")
         ax.set_xlim(min(xs) - 0.12 * span, max(xs) + 0.12 * span)
         ax.set_ylim(-0.08, 1.12)
         ax.set_xlabel(f"allocated KV at ctx {ctx} (MiB, measured)")
         ax.set_ylabel("passkey accuracy (95% Wilson CI)")
-        n = pts[0][1]["n"]
-        ax.set_title(f"SmolLM2-135M Q4_1, passkey ctx={ctx}, n={n}", fontsize=10)
+        n = max(v["n"] for _, v in pts)
+        ax.set_title(f"SmolLM2-135M Q4_1, passkey ctx={ctx}, n={n} per point unless labelled", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
         fig.tight_layout()
         renderer = fig.canvas.get_renderer()
         taken = [ax.get_legend().get_window_extent(renderer)]
-        taken += [ax.transData.transform_bbox(matplotlib.transforms.Bbox([[x - 0.006 * span, y - 0.02],
-                                                                         [x + 0.006 * span, y + 0.02]]))
-                  for x, y in shown]
+        taken += [matplotlib.transforms.Bbox([[px - 11, py - 11], [px + 11, py + 11]])
+                  for px, py in (ax.transData.transform((x, y)) for x, y in shown)]
+        for x, lo, hi in bars:  # error bars (with their caps) are in the way too
+            (px, p0), (_, p1) = ax.transData.transform((x, lo)), ax.transData.transform((x, hi))
+            taken.append(matplotlib.transforms.Bbox([[px - 6, p0 - 2], [px + 6, p1 + 2]]))
         items, seen = [], set()
-        for (r, _v), x, y in zip(pts, xs, ys):
-            text = _label(r)
+        for (r, v), x, y in zip(pts, xs, ys):
+            text = _label(r) + (f" (n={v['n']})" if v["n"] != n and r["kind"] != "random" else "")
             if text in seen:
                 continue
             seen.add(text)
             if r["kind"] == "random":  # one label for the seeds, at their mean
-                grp = [(x2, y2) for (r2, _), x2, y2 in zip(pts, xs, ys) if _label(r2) == text]
+                grp = [(x2, y2) for (r2, _), x2, y2 in zip(pts, xs, ys) if _label(r2) == _label(r)]
                 x, y = sum(a for a, _ in grp) / len(grp), sum(b for _, b in grp) / len(grp)
             items.append((x, y, text))
         _place(ax, renderer, items, taken)
