@@ -20,8 +20,8 @@ exactly the prompt (:func:`toolchain.tasks.encode_prompt`, chat template include
 
 Why a loop of our own and not TRL's ``SFTTrainer``. The whole recipe is: tokenise prompt and completion separately
 (the prompt ids must be the ones ``rollout`` feeds, so ``apply_chat_template`` + completion re-tokenised jointly would
-train on a token boundary the sampler never produces), mask the prompt, a few dozen AdamW steps, save. That is about
-40 lines here (:func:`build_batch`, :func:`completion_loss`, :func:`train`), each tested. ``SFTTrainer`` would need
+train on a token boundary the sampler never produces), mask the prompt, a few dozen AdamW steps, save. Its core is
+about 40 lines here (:func:`build_batch`, :func:`completion_loss` and the step loop of :func:`train`), each tested. ``SFTTrainer`` would need
 our prompts and completions converted to a ``datasets.Dataset`` in its prompt/completion schema and its own chat
 formatting disabled, and it pulls trl, datasets and accelerate (with pyarrow) into an extra whose hard needs are torch
 and transformers; its checkpointing and logging are built for long GPU runs, not a 2-minute CPU warm-up. trl is
