@@ -136,14 +136,14 @@ def test_cli_writes_an_hf_dir_that_train_heads_accepts(tiny_dir, tmp_path):
     from toolchain.commands.train import train
 
     out = tmp_path / "warm"
-    train.main(_args(tiny_dir, out), standalone_mode=False)
+    train.main(_args(tiny_dir, out, "--lora-rank", "0"), standalone_mode=False)  # every weight
     assert sorted(x.name for x in tmp_path.iterdir()) == ["warm"]  # no temp directory left behind
     m = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert m.config.num_hidden_layers == 2 and tok("1 + 2")["input_ids"] == AutoTokenizer.from_pretrained(
         tiny_dir)("1 + 2")["input_ids"]
     base, new = _weights(tiny_dir), _weights(out)
-    assert set(base) == set(new) and any(not torch.equal(base[k], new[k]) for k in base)  # it trained
+    assert set(base) == set(new) and not torch.equal(base["model.embed_tokens.weight"], new["model.embed_tokens.weight"])
     log = [json.loads(x) for x in (out / warmup.LOG_NAME).read_text().splitlines()]
     assert [r.get("eval", r.get("step")) for r in log] == ["before", 1, 2, "after"]
     assert all(r["loss"] > 0 and r["tokens"] > 0 for r in log if "step" in r)
@@ -156,7 +156,7 @@ def test_cli_writes_an_hf_dir_that_train_heads_accepts(tiny_dir, tmp_path):
                 "--out-dir", str(tmp_path / "run"), "-o", str(heads), "-q"], standalone_mode=False)
     assert HeadsMask.load(heads).n_layer == 2
     # --force replaces it in place
-    train.main(_args(tiny_dir, out, "--force", "--seed", "2"), standalone_mode=False)
+    train.main(_args(tiny_dir, out, "--force", "--seed", "2", "--lora-rank", "0"), standalone_mode=False)
     assert any(not torch.equal(new[k], v) for k, v in _weights(out).items())
 
 
@@ -167,10 +167,14 @@ def test_lora_output_is_merged(tiny_dir, tmp_path):
 
     pytest.importorskip("peft")
     out = tmp_path / "lora"
-    train.main(_args(tiny_dir, out, "--lora-rank", "2", "--lr", "1e-2", "--eval-pool", "0"), standalone_mode=False)
+    train.main(_args(tiny_dir, out, "--lr", "1e-2", "--eval-pool", "0"), standalone_mode=False)  # LoRA is the default
     base, new = _weights(tiny_dir), _weights(out)
     assert set(base) == set(new)  # no adapter tensors: merged into the plain weights
     assert any(not torch.equal(base[k], new[k]) for k in base if "proj" in k)
+    assert torch.equal(base["model.embed_tokens.weight"], new["model.embed_tokens.weight"])  # not a LoRA target
+    assert json.loads((out / "kvtool_warmup.json").read_text())["config"]["lora_rank"] == 16
+    assert warmup.WarmupConfig(model="m", output="o").lr == 1e-3
+    assert warmup.WarmupConfig(model="m", output="o", lora_rank=0).lr == 1e-4
     AutoModelForCausalLM.from_pretrained(out)
 
 

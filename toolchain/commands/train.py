@@ -91,11 +91,11 @@ def heads_cmd(model, tasks, method, steps, batch, group, sink, window, l1, tau, 
 @click.option("-o", "--output", required=True, type=click.Path(), help="HF directory to write (renamed into place).")
 @click.option("--task", "tasks", multiple=True, default=None,
               help="Task with worked solutions, repeatable (default chain_sum:min_terms=2,max_terms=3,max_digits=1).")
-@click.option("--steps", type=int, default=40, show_default=True, help="Optimiser steps.")
-@click.option("--batch", type=int, default=16, show_default=True, help="Examples per step.")
-@click.option("--lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate (LoRA: try 1e-3).")
-@click.option("--lora-rank", type=int, default=0, show_default=True,
-              help="0: fine-tune every weight; R > 0: LoRA adapters of rank R (peft), merged into the output.")
+@click.option("--steps", type=int, default=20, show_default=True, help="Optimiser steps.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Examples per step.")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 with LoRA, 1e-4 with --lora-rank 0).")
+@click.option("--lora-rank", type=int, default=16, show_default=True,
+              help="LoRA adapters of rank R (peft), merged into the output; 0: fine-tune every weight.")
 @click.option("--train-problems", type=int, default=2000, show_default=True,
               help="Problems generated for traces (held-out questions are removed).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the training problems and batch order.")
@@ -115,7 +115,7 @@ def warmup_cmd(model, output, tasks, steps, batch, lr, lora_rank, train_problems
 
     \b
     Example (CPU, SmolLM2-135M-Instruct):
-      kvtool train warmup --model ./SmolLM2-135M-Instruct -o ./smollm2-warm --steps 40 --batch 16
+      kvtool train warmup --model ./SmolLM2-135M-Instruct -o ./smollm2-warm --steps 20 --batch 8
       kvtool train heads --model ./smollm2-warm --task chain_sum:min_terms=2,max_terms=3,max_digits=1 ...
     """
     require_train_extras()
