@@ -15,7 +15,7 @@ exactly the prompt (:func:`toolchain.tasks.encode_prompt`, chat template include
   sampling at the same temperature and length cap, G samples per problem). "kept" is exactly what the filter would
   keep: problems solved at least once.
 * Trainable: LoRA adapters (default rank 16, peft, ``all-linear``) merged into the weights at the end, or every weight
-  (``lora_rank=0``). On SmolLM2-135M on 2 CPU cores LoRA's step took about 4.8 s against 6.4 s, and 20 steps left
+  (``lora_rank=0``). On SmolLM2-135M on 2 CPU cores LoRA's step took a median 4.7 s against 6.4 s, and 20 steps left
   12 of 16 held-out problems kept against 10 (docs/training.md). Either way the output is a plain HF directory
   that ``kvtool train heads --model`` and ``kvtool convert`` read, written to a temp directory beside the target and
   renamed into place.
