@@ -41,3 +41,32 @@ def test_messages_are_a_non_empty_list():
     for bad in ([], None, "hi", {"role": "user"}):
         with pytest.raises(_BadRequest, match="non-empty list"):
             chat_messages({"messages": bad})
+
+
+BAD = [("/v1/completions", b"{not json", "request body must be JSON"),
+       ("/v1/completions", b"[1, 2]", "request body must be a JSON object"),
+       ("/v1/completions", b'{"prompt": ["a", "b"]}', "'prompt' must be a string"),
+       ("/v1/completions", b'{"prompt": [1, 2]}', "'prompt' must be a string"),
+       ("/v1/chat/completions", b'{"messages": []}', "'messages' must be a non-empty list"),
+       ("/v1/chat/completions", b'{"messages": "hi"}', "'messages' must be a non-empty list")]
+
+
+def test_both_servers_give_the_same_400s(tmp_path):
+    """The in-process server and llama-server's front (whose upstream here does not exist: a bad body never
+    reaches it) answer each bad body with the same status and message."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+    from helpers_fake_model import FakeModel
+
+    from toolchain.commands.serve import make_app
+    from toolchain.commands.serve_proxy import make_proxy_app
+
+    apps = [make_app(FakeModel()), make_proxy_app(str(tmp_path / "no-llama-server.sock"), "m", 1, 512)]
+    for path, content, message in BAD:
+        answers = []
+        for app in apps:
+            r = TestClient(app).post(path, content=content, headers={"content-type": "application/json"})
+            answers.append((r.status_code, r.json()["error"]["message"], r.json()["error"]["type"]))
+        assert answers[0] == answers[1], (path, content, answers)
+        assert answers[0][0] == 400 and answers[0][1].startswith(message) and answers[0][2] == "invalid_request_error"
