@@ -279,20 +279,27 @@ def _mib(b) -> str:
 
 
 def markdown(table: list[dict]) -> str:
+    """The docs table: measured rows only (the rest are listed as not measured in the text)."""
     ctxs = sorted({int(c) for r in table for c in r["passkey"]})
-    head = (["row", "compressed"] + [f"KV MiB @{c}" for c in ctxs] + [f"passkey @{c} [95% CI]" for c in ctxs]
-            + ["ppl", "KL mean", "top-1"])
+    head = (["row", "compressed heads"] + [f"KV MiB @{c} (vs full f16)" for c in ctxs]
+            + [f"passkey @{c}: correct/n = acc [95% CI]" for c in ctxs] + ["ppl", "KL mean", "top-1 agree"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    full = next(r["passkey"] for r in table if r["name"] == "full")
     for r in table:
-        pk = r["passkey"]
+        pk, p = r["passkey"], r.get("ppl")
+        if not pk and p is None:
+            continue
         comp = next((f"{v['compressed_heads']}/{v['kv_heads']}" for v in pk.values() if v.get("kv_heads")), "-")
         cells = [r["name"], comp]
-        cells += [_mib(pk[str(c)]["allocated_kv_bytes"]) if str(c) in pk else "-" for c in ctxs]
         for c in ctxs:
             v = pk.get(str(c))
             cells.append("-" if v is None else
+                         f"{_mib(v['allocated_kv_bytes'])} ({v['allocated_kv_bytes'] / full[str(c)]['allocated_kv_bytes']:.3f}x)"
+                         if str(c) in full else _mib(v["allocated_kv_bytes"]))
+        for c in ctxs:
+            v = pk.get(str(c))
+            cells.append("not measured" if v is None else
                          f"{v['correct']}/{v['n']} = {v['accuracy']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]")
-        p = r.get("ppl")
         cells += ["-", "-", "-"] if p is None else [f"{p['ppl']:.2f}", f"{p['kl_mean']:.3f}",
                                                     f"{p['top1_agreement']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
