@@ -118,3 +118,35 @@ def test_llama_args_map_onto_the_override(scored):
 def test_cli_errors_are_one_line(scored, args, needle):
     res = kvtool(*[str(scored) if a == "M" else a for a in args])
     assert_one_line_error(res, contains=needle)
+
+
+def test_swa_full_is_counted_on_sliding_window_models(scored):
+    """--kv-budget with --swa-full plans the full-size SWA cache llama.cpp then allocates (it used to plan the small
+    one, so the choice could overrun the budget)."""
+    import dataclasses
+
+    dims0, b = dims_from_gguf(scored), gb.read_budgets(scored)
+    dims = dataclasses.replace(dims0, n_swa=128, is_swa=(True, False) * 4)
+
+    def need(s, n_ctx, flag):
+        wins = [[0 if f else b.heads_window for f in row] for row in mask_from_scores(b.scores, s, b.per_layer)]
+        return predict(dims, wins, b.sink, n_ctx, 64, 1, "f16", "f16", True, swa_full=flag).mixed_bytes
+
+    small = choose(dims, b, 1 << 30, 4096, 64)
+    big = choose(dims, b, 1 << 30, 4096, 64, swa_full=True)
+    assert small.sparsity == big.sparsity == 0.0
+    assert (small.kv_bytes, big.kv_bytes) == (need(0.0, 4096, False), need(0.0, 4096, True))
+    assert big.kv_bytes > small.kv_bytes
+    # a budget that the small SWA cache meets at s=0: with the full-size one, compression must make up the gap
+    budget = small.kv_bytes
+    if need(1.0, 4096, True) <= budget:
+        c = choose(dims, b, budget, 4096, 64, swa_full=True)
+        assert c.sparsity > 0.0 and c.kv_bytes <= budget
+    else:
+        with pytest.raises(KvtoolError, match="nothing fits"):
+            choose(dims, b, budget, 4096, 64, swa_full=True)
+    auto = choose(dims, b, budget, "auto", 64, swa_full=True)
+    wins = b.head_window if auto.sparsity is None else \
+        [[0 if f else b.heads_window for f in row] for row in mask_from_scores(b.scores, auto.sparsity, b.per_layer)]
+    assert auto.kv_bytes <= budget
+    assert auto.kv_bytes == predict(dims, wins, b.sink, auto.n_ctx, 64, 1, "f16", "f16", True, swa_full=True).mixed_bytes

@@ -13,6 +13,7 @@ import click
 from ..errors import KvtoolError
 from ..gguf_keys import cache_type as check_cache_type
 from ..kv_variants import check_flash_attn
+from ..runtime.kv_budget import max_ctx
 from ..runtime.memory import KVPlan, ModelDims, dims_from_gguf, predict
 from ..runtime.offload import device_layers, weights_on_device
 from ..validate import parse_size
@@ -98,34 +99,12 @@ def inspect_report(model: str, n_ctx: int, n_ubatch: int, n_seq: int, cache_type
     }
 
 
-def max_ctx(dims: ModelDims, windows, sink: int, budget: int, n_ubatch: int, cache_type: str, mixed: bool,
-            limit: Optional[int] = None, device_layers: Optional[int] = None, swa_full: bool = False) -> int:
-    """Largest n_ctx (a multiple of 256) whose KV cache fits in ``budget`` bytes; 0 if even 256 does not fit.
-    With ``device_layers`` only the KV of the last that many layers (those on the device) counts."""
-    def fits(c: int) -> bool:
-        plan = predict(dims, windows, sink, c, n_ubatch, 1, cache_type, cache_type, True, mixed=mixed, swa_full=swa_full)
-        used = plan.mixed_bytes if device_layers is None else plan.device_bytes(device_layers)
-        return used <= budget
-
-    if not fits(256):
-        return 0
-    lo, hi = 256, 512
-    cap = limit or (1 << 24)
-    while hi <= cap and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, cap + 256)
-    while hi - lo > 256:  # bytes grow with n_ctx, so bisect on multiples of 256
-        mid = (lo + hi) // 2 // 256 * 256
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return min(lo, cap)
-
-
-def kv_budget_report(dims: ModelDims, b, budget: int, n_ctx, n_ubatch: int) -> dict:
+def kv_budget_report(dims: ModelDims, b, budget: int, n_ctx, n_ubatch: int, swa_full: bool = False) -> dict:
     """What ``--kv-budget`` would choose on chat/generate/serve/eval (f16, flash attention, the file's mixed flag)."""
     from ..runtime.kv_budget import choose
 
     try:
-        c = choose(dims, b, budget, n_ctx, n_ubatch, "f16", True, mixed=bool(b and b.enabled))
+        c = choose(dims, b, budget, n_ctx, n_ubatch, "f16", True, mixed=bool(b and b.enabled), swa_full=swa_full)
     except KvtoolError as e:
         return {"n_ctx_requested": n_ctx, "error": str(e)}
     return {"n_ctx_requested": n_ctx, "n_ctx": c.n_ctx, "sparsity": c.sparsity, "n_compressed": c.n_compressed,
@@ -168,7 +147,7 @@ def plan_report(model: str, budget: int, n_ubatch: int, sparsity: Optional[float
             rows[name]["kv_device_bytes"] = pl.device_bytes(dev) if pl else 0
     return {"model": model, "budget_bytes": budget, "n_ubatch": n_ubatch, "mask": source,
             "n_ctx_train": dims.n_ctx_train, "plans": rows, "notes": budget_notes(dims, windows), "swa_full": swa_full,
-            "kv_budget": kv_budget_report(dims, b, budget, n_ctx, n_ubatch) if dev is None and sparsity is None
+            "kv_budget": kv_budget_report(dims, b, budget, n_ctx, n_ubatch, swa_full) if dev is None and sparsity is None
             else None,
             "offload": {"gpu_layers": gpu_layers, "device_layers": dev, "weights_device_bytes": weights}
             if dev is not None else None}

@@ -85,30 +85,38 @@ def _k(windows) -> int:
     return sum(1 for row in windows or [] for w in row if w > 0)
 
 
-def _bytes(dims, windows, sink, n_ctx, n_ubatch, cache_type, flash_attn) -> int:
+def _bytes(dims, windows, sink, n_ctx, n_ubatch, cache_type, flash_attn, swa_full=False) -> int:
     return predict(dims, windows, sink, n_ctx, n_ubatch, 1, cache_type, cache_type, flash_attn,
-                   mixed=windows is not None).mixed_bytes
+                   mixed=windows is not None, swa_full=swa_full).mixed_bytes
 
 
-def _max_ctx(dims, windows, sink, budget, n_ubatch, cache_type, flash_attn, cap) -> int:
-    def fits(c):
-        return _bytes(dims, windows, sink, c, n_ubatch, cache_type, flash_attn) <= budget
+def max_ctx(dims: ModelDims, windows, sink: int, budget: int, n_ubatch: int, cache_type: str, mixed: bool,
+            limit: Optional[int] = None, device_layers: Optional[int] = None, swa_full: bool = False,
+            flash_attn: bool = True) -> int:
+    """Largest n_ctx (a multiple of 256, at most ``limit``) whose KV cache fits in ``budget`` bytes; 0 if even 256
+    does not fit. With ``device_layers`` only the KV of the last that many layers (those on the device) counts."""
+    def fits(c: int) -> bool:
+        plan = predict(dims, windows, sink, c, n_ubatch, 1, cache_type, cache_type, flash_attn, mixed=mixed,
+                       swa_full=swa_full)
+        return (plan.mixed_bytes if device_layers is None else plan.device_bytes(device_layers)) <= budget
 
     if not fits(256):
         return 0
+    cap = (limit or (1 << 24)) // 256 * 256 or 256
     lo, hi = 256, 512
     while hi <= cap and fits(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, cap + 256)
-    while hi - lo > 256:
+    while hi - lo > 256:  # bytes grow with n_ctx, so bisect on multiples of 256
         mid = (lo + hi) // 2 // 256 * 256
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return min(lo, cap // 256 * 256)
+    return min(lo, cap)
 
 
 def choose(dims: ModelDims, budgets, budget: int, n_ctx: Union[int, str], n_ubatch: int = 512,
-           cache_type: str = "f16", flash_attn: bool = True, mixed: bool = True) -> Choice:
-    """The choice for ``budget`` bytes of KV; ``mixed=False`` plans a full cache (context only)."""
+           cache_type: str = "f16", flash_attn: bool = True, mixed: bool = True, swa_full: bool = False) -> Choice:
+    """The choice for ``budget`` bytes of KV; ``mixed=False`` plans a full cache (context only). ``swa_full``: a
+    sliding-window hybrid's full-size SWA cache (``--swa-full``) counts as llama.cpp allocates it."""
     from ..validate import N_CTX_MAX
 
     if budget < 1:
@@ -121,20 +129,22 @@ def choose(dims: ModelDims, budgets, budget: int, n_ctx: Union[int, str], n_ubat
         own = (None, _k(budgets.head_window), budgets.head_window) if mixed and budgets and budgets.head_window \
             else (None, 0, None)
         for s, k, wins in [own] + [c for c in cands if c[1] > own[1]]:
-            b = _bytes(dims, wins, sink, target, n_ubatch, cache_type, flash_attn)
+            b = _bytes(dims, wins, sink, target, n_ubatch, cache_type, flash_attn, swa_full)
             if b <= budget:
                 return Choice(target, s, k, n, b, budget)
         _, k, wins = own
-        c = _max_ctx(dims, wins, sink, budget, n_ubatch, cache_type, flash_attn, target)
+        c = max_ctx(dims, wins, sink, budget, n_ubatch, cache_type, wins is not None, target, swa_full=swa_full,
+                    flash_attn=flash_attn)
         if c:
-            return Choice(c, None, k, n, _bytes(dims, wins, sink, c, n_ubatch, cache_type, flash_attn), budget)
+            b = _bytes(dims, wins, sink, c, n_ubatch, cache_type, flash_attn, swa_full)
+            return Choice(c, None, k, n, b, budget)
         raise KvtoolError(f"--kv-budget {fmt_bytes(budget)}: not even a 256-token context fits (it takes "
-                          f"{fmt_bytes(_bytes(dims, wins, sink, 256, n_ubatch, cache_type, flash_attn))})")
+                          f"{fmt_bytes(_bytes(dims, wins, sink, 256, n_ubatch, cache_type, flash_attn, swa_full))})")
     for s, k, wins in cands:
-        b = _bytes(dims, wins, sink, n_ctx, n_ubatch, cache_type, flash_attn)
+        b = _bytes(dims, wins, sink, n_ctx, n_ubatch, cache_type, flash_attn, swa_full)
         if b <= budget:
             return Choice((n_ctx + 255) // 256 * 256, s, k, n, b, budget)
-    least = min(_bytes(dims, w, sink, n_ctx, n_ubatch, cache_type, flash_attn) for _, _, w in cands)
+    least = min(_bytes(dims, w, sink, n_ctx, n_ubatch, cache_type, flash_attn, swa_full) for _, _, w in cands)
     hint = "" if len(cands) > 1 else " (the file has no kvtool.heads.scores, so its mask cannot change)"
     raise KvtoolError(f"--kv-budget {fmt_bytes(budget)}: nothing fits n_ctx {n_ctx}; the smallest cache takes "
                       f"{fmt_bytes(least)}{hint}: lower --n-ctx or use --n-ctx auto")

@@ -240,7 +240,8 @@ class Model:
             mixed_on = with_budgets and (budgets.enabled if mixed is None else bool(mixed))
             fa_on = with_budgets if flash_attn is None else bool(flash_attn)
             choice = choose(dims, budgets, parse_size(kv_budget), n_ctx,
-                            min(nub, n_ctx) if n_ctx != "auto" else nub, cache_type, fa_on, mixed_on)
+                            min(nub, n_ctx) if n_ctx != "auto" else nub, cache_type, fa_on, mixed_on,
+                            swa_full=swa_full)
             _note(choice.line())
             n_ctx = choice.n_ctx
             if choice.sparsity is not None:
