@@ -9,13 +9,12 @@ same result whatever the batch holds.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from helpers_serve import start_server as start
+from helpers_serve import stop_server as stop
 from helpers_tools import tiny_mixed, tool_paths
 
 openai = pytest.importorskip("openai")
@@ -24,33 +23,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 PROMPTS = [f"the {w} of water is" for w in ("side", "number", "sound", "time", "way", "day", "word", "people")]
-
-
-def start(model: Path, log: Path, *args, timeout: float = 180):
-    """``serve --parallel`` on a free loopback port; returns (process, base_url)."""
-    f = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain.commands.serve", str(model), "--port", "0", "-t", "1",
-                             *map(str, args)], stdout=f, stderr=subprocess.STDOUT)
-    f.close()
-    end = time.time() + timeout
-    while time.time() < end:
-        m = re.search(r"listening on (http://\S+/v1)", log.read_text())
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited with {proc.returncode}: {log.read_text()}")
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"serve did not start: {log.read_text()}")
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
