@@ -44,6 +44,26 @@ def make_tokenizer(dir: Path, vocab: int = 100) -> int:
     return sp.vocab_size()
 
 
+def make_char_tokenizer(d: Path) -> None:
+    """Replace ``d``'s SentencePiece tokenizer by a character-level fast one (98 ids: 3 specials + printable ASCII).
+
+    Why for training tests: transformers reads a SentencePiece file only with protobuf installed; a
+    ``tokenizer.json`` needs nothing extra, and one id per character keeps task answers easy to check."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer.model").unlink(missing_ok=True)
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": 4096}))
+
+
 def make_tiny_hf(dir, arch: str = "llama", n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
                  head_dim: int = 16, vocab: int = 100, seed: int = 0, init_std: float = 0.1,
                  max_pos: int = 4096) -> Path:

@@ -42,6 +42,29 @@ def _jitter_and_save(model, d: Path, init_std: float, after=None) -> Path:
     return d
 
 
+def _tiny_hybrid(dir, config: str, model: str, global_every: int, n_layer: int, n_head: int, n_head_kv: int,
+                 head_dim: int, vocab: int, seed: int, init_std: float, window: int, **arch_config):
+    """A random F32 ``transformers.<model>`` with the shape both hybrids share; returns (model, its folder).
+
+    Every ``global_every``-th layer is global, the rest slide over ``window``; ``arch_config`` holds what only one
+    architecture has. The SentencePiece tokenizer is written first: it fixes the vocabulary size."""
+    import torch
+    import transformers
+
+    d = Path(dir)
+    d.mkdir(parents=True, exist_ok=True)
+    n_vocab = make_tokenizer(d, vocab)
+    hidden = n_head * head_dim
+    cfg = getattr(transformers, config)(
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, num_key_value_heads=n_head_kv, head_dim=head_dim, sliding_window=window,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=init_std,
+        layer_types=["full_attention" if (i + 1) % global_every == 0 else "sliding_attention" for i in range(n_layer)],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=[model], **arch_config)
+    torch.manual_seed(seed)
+    return getattr(transformers, model)(cfg).to(torch.float32), d
+
+
 def make_tiny_gemma3(dir, n_layer: int = 6, n_head: int = 4, n_head_kv: int = 2, head_dim: int = 16,
                      vocab: int = 100, seed: int = 0, init_std: float = 0.1, window: int = SWA_WINDOW,
                      mlp_scale: float = 0.05) -> Path:
@@ -50,20 +73,10 @@ def make_tiny_gemma3(dir, n_layer: int = 6, n_head: int = 4, n_head_kv: int = 2,
     ``mlp_scale`` is the MLP's weight in the residual stream (its post-FFN norm scale): small, so the parity test
     measures attention, not ggml's float16 GELU table."""
     import torch
-    import transformers
 
-    d = Path(dir)
-    d.mkdir(parents=True, exist_ok=True)
-    n_vocab = make_tokenizer(d, vocab)
-    hidden = n_head * head_dim
-    cfg = transformers.Gemma3TextConfig(
-        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layer,
-        num_attention_heads=n_head, num_key_value_heads=n_head_kv, head_dim=head_dim, query_pre_attn_scalar=head_dim,
-        sliding_window=window, max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=init_std,
-        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)],
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=["Gemma3ForCausalLM"])
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(cfg).to(torch.float32)
+    model, d = _tiny_hybrid(dir, "Gemma3TextConfig", "Gemma3ForCausalLM", 6, n_layer, n_head, n_head_kv, head_dim,
+                            vocab, seed, init_std, window, query_pre_attn_scalar=head_dim, tie_word_embeddings=True)
+
     def quiet_mlp(model):
         # Gemma's post-FFN norm scales the MLP output by (1 + w): a small scale keeps ggml's float16 GELU table
         # (see use_ggml_cpu_gelu) from moving the logits by more than the attention tolerance
@@ -78,21 +91,11 @@ def make_tiny_gptoss(dir, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
                      vocab: int = 100, seed: int = 0, init_std: float = 0.1, window: int = SWA_WINDOW) -> Path:
     """A random ``GptOssForCausalLM`` with 4 experts (2 per token), learned sinks, default RoPE; layer 1 global."""
     import torch
-    import transformers
 
-    d = Path(dir)
-    d.mkdir(parents=True, exist_ok=True)
-    n_vocab = make_tokenizer(d, vocab)
-    hidden = n_head * head_dim
-    cfg = transformers.GptOssConfig(
-        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layer,
-        num_attention_heads=n_head, num_key_value_heads=n_head_kv, head_dim=head_dim, num_local_experts=4,
-        num_experts_per_tok=2, sliding_window=window, max_position_embeddings=4096, rms_norm_eps=1e-6,
-        initializer_range=init_std, rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
-        layer_types=["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(n_layer)],
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=["GptOssForCausalLM"])
-    torch.manual_seed(seed)
-    model = transformers.GptOssForCausalLM(cfg).to(torch.float32)
+    model, d = _tiny_hybrid(dir, "GptOssConfig", "GptOssForCausalLM", 2, n_layer, n_head, n_head_kv, head_dim, vocab,
+                            seed, init_std, window, num_local_experts=4, num_experts_per_tok=2,
+                            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+                            tie_word_embeddings=False)
     with torch.no_grad():  # HF leaves the expert tensors at zero until _init_weights; give them values
         for name, p in model.named_parameters():
             if "experts" in name:

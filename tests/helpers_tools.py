@@ -32,37 +32,3 @@ def tiny_mixed(tiny_gguf: Path, dst: Path) -> Path:
     from converters.gguf_budgets import T_STR, Value
 
     return write_windows(tiny_gguf, dst, [[0, 32]] * 3, 4, extra={"tokenizer.chat_template": Value(T_STR, CHAT_TEMPLATE)})
-
-
-def serve_start(model: Path, log: Path, *args, timeout: float = 180):
-    """``python -m toolchain.commands.serve MODEL ARGS`` on a free loopback port, one thread; (process, base_url)."""
-    import re
-    import subprocess
-    import sys
-    import time
-
-    f = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain.commands.serve", str(model), "--port", "0", "-t", "1",
-                             *map(str, args)], stdout=f, stderr=subprocess.STDOUT)
-    f.close()
-    end = time.time() + timeout
-    while time.time() < end:
-        m = re.search(r"listening on (http://\S+/v1)", log.read_text())
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited with {proc.returncode}: {log.read_text()}")
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"serve did not start: {log.read_text()}")
-
-
-def serve_stop(proc) -> None:
-    import subprocess
-
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

@@ -37,7 +37,7 @@ def test_python_embed(masked):
 def test_openai_client(masked, tmp_path):
     pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    from test_serve import start_server, stop_server
+    from helpers_serve import start_server, stop_server
 
     proc, base = start_server(masked, tmp_path / "serve.log", "--n-ctx", 1024)
     try:

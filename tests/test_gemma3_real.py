@@ -8,8 +8,8 @@ from helpers_cli import kvtool
 
 from converters.convert import convert_model
 from toolchain.heads import random_mask
-from toolchain.models import sha256_file
 from toolchain.models_gemma3 import GEMMA3_SHA256, fetch_gemma3
+from toolchain.pypi_fetch import sha256_file
 from toolchain.runtime.memory import dims_from_gguf, predict
 from toolchain.runtime.model import Model
 from toolchain.swa_mask import restrict_to_global

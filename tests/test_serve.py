@@ -5,47 +5,19 @@ in cli.py); the port it got is read from its "listening on" line.
 """
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from helpers_runtime import write_windows
+from helpers_serve import start_server, stop_server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-
-
-def start_server(model: Path, log: Path, *args, timeout: float = 120):
-    """Start ``serve`` on a free loopback port; returns (process, base_url). Stop it with ``stop_server``."""
-    f = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain.commands.serve", str(model), "--port", "0", "-t", "1",
-                             *map(str, args)], stdout=f, stderr=subprocess.STDOUT)  # 1 thread: see test_cli_run
-    f.close()
-    end = time.time() + timeout
-    while time.time() < end:
-        m = re.search(r"listening on (http://\S+/v1)", log.read_text())
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited with {proc.returncode}: {log.read_text()}")
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"serve did not start: {log.read_text()}")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import threading
 import time
 
 import pytest
-from helpers_tools import serve_start as start
-from helpers_tools import serve_stop as stop
+from helpers_serve import start_server as start
+from helpers_serve import stop_server as stop
 from helpers_tools import tiny_mixed, tool_paths
 
 openai = pytest.importorskip("openai")

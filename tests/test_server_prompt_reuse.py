@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers_runtime import LowLevel
-from helpers_tools import serve_start, serve_stop, tiny_mixed, tool_paths
+from helpers_serve import start_server, stop_server
+from helpers_tools import tiny_mixed, tool_paths
 
 httpx = pytest.importorskip("httpx")
 
@@ -70,7 +71,7 @@ def _long_then_reuse(post) -> tuple:
 
 def test_kvtool_serve_parallel_survives_a_reused_prompt_after_a_long_request(tiny, tmp_path):
     tool_paths()
-    proc, base = serve_start(tiny, tmp_path / "serve.log", "--parallel", 1, "--n-ctx", 512, "--n-ubatch", 64,
+    proc, base = start_server(tiny, tmp_path / "serve.log", "--parallel", 1, "--n-ctx", 512, "--n-ubatch", 64,
                        "--model-id", "tiny", "--server-log", tmp_path / "llama-server.log")
     try:
         def post(body):
@@ -82,7 +83,7 @@ def test_kvtool_serve_parallel_survives_a_reused_prompt_after_a_long_request(tin
         assert a.startswith(b) and len(b) > 0  # the same prompt alone, again: the same greedy start
         assert httpx.get(base[:-3] + "/health", timeout=30).json()["status"] == "ok"
     finally:
-        serve_stop(proc)
+        stop_server(proc)
 
 
 @pytest.mark.xfail(strict=True, reason="llama-server aborts when the mixed cache refuses a prompt-reuse cut; fix: "

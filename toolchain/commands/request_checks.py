@@ -9,6 +9,34 @@ class _BadRequest(Exception):
         self.status, self.kind = status, kind
 
 
+async def json_body(request) -> dict:
+    """The request's JSON object; anything else is a 400 (never a 500 from a parser deep in a handler)."""
+    try:
+        body = await request.json()
+    except Exception:
+        raise _BadRequest("request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("request body must be a JSON object")
+    return body
+
+
+def chat_messages(body: dict) -> list:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _BadRequest("'messages' must be a non-empty list")
+    return msgs
+
+
+def prompt_text(body: dict) -> str:
+    """The completion prompt: a string, or a batch of exactly one string (what some clients send)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _BadRequest("'prompt' must be a string (batches and token arrays are not supported)")
+    return prompt
+
+
 _I32_MAX = 0x7FFFFFFF
 _U32_MAX = 0xFFFFFFFF
 

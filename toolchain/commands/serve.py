@@ -29,7 +29,7 @@ import click
 from ..errors import KvtoolError
 from .closing_stream import closing_stream_class
 from .generate import kv_summary, load_model, load_options, run_standalone
-from .request_checks import _BadRequest, sampling_args, stream_flags
+from .request_checks import _BadRequest, chat_messages, json_body, prompt_text, sampling_args, stream_flags
 
 _DONE = object()
 
@@ -51,15 +51,6 @@ def make_app(model, model_id: Optional[str] = None, max_queue: int = 16, default
     def error(status: int, message: str, kind: str = "invalid_request_error"):
         return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
                             status_code=status)
-
-    async def body_of(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except Exception:
-            raise _BadRequest("request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _BadRequest("request body must be a JSON object")
-        return body
 
     def usage(st) -> dict:
         return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generated_tokens,
@@ -172,10 +163,8 @@ def make_app(model, model_id: Optional[str] = None, max_queue: int = 16, default
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await body_of(request)
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise _BadRequest("'messages' must be a non-empty list")
+        body = await json_body(request)
+        msgs = chat_messages(body)
         kw = sampling_args(body, default_max_tokens)
         cid, ts = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream_flags(body)[0]:
@@ -213,12 +202,8 @@ def make_app(model, model_id: Optional[str] = None, max_queue: int = 16, default
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise _BadRequest("'prompt' must be a string (batches and token arrays are not supported)")
+        body = await json_body(request)
+        prompt = prompt_text(body)
         kw = sampling_args(body, default_max_tokens)
         cid, ts = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

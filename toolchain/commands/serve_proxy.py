@@ -21,7 +21,7 @@ import time
 from typing import Optional
 
 from .closing_stream import closing_stream_class
-from .request_checks import _BadRequest, sampling_args
+from .request_checks import _BadRequest, chat_messages, json_body, prompt_text, sampling_args
 
 _PASS_STATUS = range(400, 500)
 
@@ -81,15 +81,6 @@ def make_proxy_app(sock: str, model_id: str, parallel: int, n_ctx: int, default_
 
     def error(status: int, message: str, kind: str = "invalid_request_error"):
         return JSONResponse(error_body(status, message, kind), status_code=status)
-
-    async def body_of(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except Exception:
-            raise _BadRequest("request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _BadRequest("request body must be a JSON object")
-        return body
 
     async def forward(path: str, body: dict):
         stream = bool(body.get("stream"))
@@ -161,20 +152,14 @@ def make_proxy_app(sock: str, model_id: str, parallel: int, n_ctx: int, default_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await body_of(request)
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise _BadRequest("'messages' must be a non-empty list")
+        body = await json_body(request)
+        chat_messages(body)
         return await forward("/v1/chat/completions", upstream_body(body, default_max_tokens, prompt_cache))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            body["prompt"] = prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise _BadRequest("'prompt' must be a string (batches and token arrays are not supported)")
+        body = await json_body(request)
+        body["prompt"] = prompt_text(body)
         return await forward("/v1/completions", upstream_body(body, default_max_tokens, prompt_cache))
 
     @app.on_event("shutdown")

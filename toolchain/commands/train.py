@@ -1,6 +1,7 @@
-"""``kvtool train``: learn which KV heads to keep in full (RLKV gates, or the DuoAttention-style baseline).
+"""``kvtool train``: learn which KV heads to keep in full (RLKV gates, or the DuoAttention-style baseline), and the
+supervised warm-up that gives a small model something for RLKV to reward.
 
-A thin shell over ``toolchain.train.rlkv.train``; torch and transformers are imported only when a command runs, so
+Thin shells over ``toolchain.train.rlkv.train`` and ``toolchain.train.warmup.train``; torch and transformers are imported only when a command runs, so
 ``kvtool --help`` works on an edge install without the train extras.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ def require_train_extras() -> None:
 
 @click.group("train")
 def train() -> None:
-    """Training: RLKV head gates (`heads`)."""
+    """Training: RLKV head gates (`heads`), supervised warm-up (`warmup`), beacons (`beacons`)."""
 
 
 @train.command("heads")
@@ -82,6 +83,50 @@ def heads_cmd(model, tasks, method, steps, batch, group, sink, window, l1, tau, 
                       dtype=dtype, sparsity=sparsity, out_dir=out_dir, output=output, save_every=save_every,
                       seed=seed, resume=resume, tensorboard=tensorboard)
     run_train(cfg, progress=not quiet)
+
+
+@train.command("warmup")
+@click.option("--model", required=True, type=click.Path(exists=True),
+              help="Hugging Face model directory, or a .gguf file (dequantized by transformers).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="HF directory to write (renamed into place).")
+@click.option("--task", "tasks", multiple=True, default=None,
+              help="Task with worked solutions, repeatable (default chain_sum:min_terms=2,max_terms=3,max_digits=1).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Optimiser steps.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Examples per step.")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3 with LoRA, 1e-4 with --lora-rank 0).")
+@click.option("--lora-rank", type=int, default=16, show_default=True,
+              help="LoRA adapters of rank R (peft), merged into the output; 0: fine-tune every weight.")
+@click.option("--train-problems", type=int, default=2000, show_default=True,
+              help="Problems generated for traces (held-out questions are removed).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the training problems and batch order.")
+@click.option("--eval-pool", type=int, default=32, show_default=True,
+              help="Held-out problems scored before and after (0: none). Use train heads' --pool to see its filter.")
+@click.option("--eval-seed", type=int, default=0, show_default=True, help="= train heads' --seed (its pool is held out).")
+@click.option("--eval-group", type=int, default=4, show_default=True, help="Samples per held-out problem (= --group).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Eval completion length cap.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Eval sampling temperature.")
+@click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "f32"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def warmup_cmd(model, output, tasks, steps, batch, lr, lora_rank, train_problems, seed, eval_pool, eval_seed,
+               eval_group, max_new_tokens, temperature, device, dtype, force, quiet):
+    """Fine-tune on worked solutions in the <answer> format, so RLKV's self-distillation filter keeps problems.
+
+    \b
+    Example (CPU, SmolLM2-135M-Instruct):
+      kvtool train warmup --model ./SmolLM2-135M-Instruct -o ./smollm2-warm --steps 20 --batch 8
+      kvtool train heads --model ./smollm2-warm --task chain_sum:min_terms=2,max_terms=3,max_digits=1 ...
+    """
+    require_train_extras()
+    from ..train.warmup import DEFAULT_TASK, WarmupConfig
+    from ..train.warmup import train as run_warmup
+
+    cfg = WarmupConfig(model=model, output=output, tasks=tuple(tasks) or (DEFAULT_TASK,), steps=steps, batch=batch,
+                       lr=lr, lora_rank=lora_rank, train_problems=train_problems, seed=seed, eval_pool=eval_pool,
+                       eval_seed=eval_seed, eval_group=eval_group, max_new_tokens=max_new_tokens,
+                       temperature=temperature, device=device, dtype=dtype, force=force)
+    run_warmup(cfg, progress=not quiet)
 
 
 from .train_beacons import beacons_cmd  # noqa: E402
