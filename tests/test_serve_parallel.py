@@ -1,10 +1,11 @@
 """``kvtool serve --parallel N`` (the patched llama-server behind kvtool's validating front) with the real client.
 
 On the session's tiny random F32 llama with one windowed head per layer, so a request takes milliseconds (chat on
-SmolLM2, whose vocabulary can hold a chat template). Greedy
-answers are compared as token-exact text: a request decoded alone and the same request decoded in a batch with
-seven others must agree, which holds because each slot has its own KV stream and the F32 matmuls give every row the
-same result whatever the batch holds.
+SmolLM2, whose vocabulary can hold a chat template). Greedy answers are compared as token-exact text: a request
+decoded alone and the same request decoded in a batch with seven others must agree. Each slot has its own KV stream,
+so what the other slots hold cannot reach a sequence's logits (bit for bit, tests/test_parallel_isolation.py); the
+batch's shape can, by rounding, in stock llama.cpp as much as here, so the prompts are ones whose greedy picks keep a
+clear margin (``CLEAR_PROMPTS``).
 """
 from __future__ import annotations
 
@@ -134,38 +135,62 @@ def test_bad_requests_are_4xx_json_and_the_server_lives(server4):
     assert complete(c, "hi", 2)
 
 
-# Known not to hold every run (issue 18 stays open on it): under load the texts matched but the eight requests did not
-# always overlap, and at 48 tokens two of three runs differed from the lone answers; not yet found whether a
-# batch-size-dependent CPU matmul path flips near-tied greedy picks of the random tiny model, or something else.
-@pytest.mark.xfail(reason="8-client greedy identity fails on and off; undiagnosed, see the comment above", strict=False)
+# Prompts whose lone greedy answers keep every top-1 pick at least GREEDY_MARGIN (in logits) above the runner-up on
+# the session's tiny model. Batch shape changes ggml's CPU rounding, in stock llama.cpp as in the mixed cache (up to
+# 1.2e-3 in logits here, tests/test_parallel_isolation.py), so a near-tied pick may flip between a lone and a batched
+# decode; with this margin none can. The test checks the margin on llama-server's own logprobs first, so a changed
+# model or kernel shows up as that, not as a flake.
+CLEAR_PROMPTS = [f"the {w} of water is" for w in ("point", "place", "part", "river", "group", "number", "time", "work")]
+GREEDY_MARGIN = 0.01
+
+
+def lone_with_margins(s, prompt: str, n: int) -> tuple:
+    """A lone greedy completion and the smallest top-1 minus top-2 logprob gap over its tokens (llama-server's
+    pre-sampling probabilities: the softmax of the raw logits, so the gap is the logit gap)."""
+    r = httpx.post(s["base"] + "/completions", timeout=120,
+                   json={"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "n_probs": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    toks = choice["logprobs"]["content"]
+    assert len(toks) == n
+    gaps = [t["top_logprobs"][0]["logprob"] - t["top_logprobs"][1]["logprob"] for t in toks]
+    assert all(t["id"] == t["top_logprobs"][0]["id"] for t in toks)  # greedy: the pick is the top-1
+    return choice["text"], min(gaps)
+
+
 def test_eight_concurrent_clients_get_their_own_greedy_answers(server8):
     c = client_for(server8)
     n = 48  # long enough that the eight requests overlap even when the threads start unevenly
-    alone = [complete(c, p, n) for p in PROMPTS]
-    assert len(set(alone)) > 1  # different prompts, different answers: the comparison below can fail
+    alone = []
+    for p in CLEAR_PROMPTS:
+        text, gap = lone_with_margins(server8, p, n)
+        assert gap >= GREEDY_MARGIN, (p, gap)
+        assert complete(c, p, n) == text  # the real client, alone, agrees with itself
+        alone.append(text)
+    assert len(set(alone)) == len(alone)  # different prompts, different answers: a swapped answer would show
     decodes0 = n_decode(server8)
     got, errors = {}, []
-    barrier = threading.Barrier(len(PROMPTS))
+    barrier = threading.Barrier(len(CLEAR_PROMPTS))
 
     def run(i: int) -> None:
         try:
             barrier.wait(30)
             if i % 2:
-                s = c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=n, temperature=0, stream=True,
-                                         extra_body={"ignore_eos": True})
+                s = c.completions.create(model="tiny", prompt=CLEAR_PROMPTS[i], max_tokens=n, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True})
                 got[i] = "".join(ch.choices[0].text for ch in s)
             else:
-                got[i] = complete(c, PROMPTS[i], n)
+                got[i] = complete(c, CLEAR_PROMPTS[i], n)
         except Exception as e:  # collected, so a failure names the request
             errors.append((i, repr(e)))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(CLEAR_PROMPTS))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert [got[i] for i in range(len(PROMPTS))] == alone
+    assert [got[i] for i in range(len(CLEAR_PROMPTS))] == alone
     # they really were decoded together: one at a time would take >= 8 x 48 llama_decode calls
     assert n_decode(server8) - decodes0 < 8 * n // 2
 
