@@ -309,7 +309,7 @@ def markdown(table: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("step", choices=["prepare", "passkey", "ppl", "report", "rows"])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "smollm2_equal_memory",
+    ap.add_argument("--work", type=Path, default=Path("~/.cache/kvtool/bench/smollm2_equal_memory").expanduser(),
                     help="where GGUFs and raw logs go (not committed)")
     ap.add_argument("--heads", type=Path, help="prepare: the trained heads.json (its scores give each s)")
     ap.add_argument("--model", type=Path, default=MODEL)
