@@ -64,6 +64,14 @@ def make_char_tokenizer(d: Path) -> None:
         "model_max_length": 4096}))
 
 
+def make_tiny_char_llama(d: Path, vocab: int = 100, seed: int = 0) -> Path:
+    """The training tests' model: a 2-layer GQA llama (4 query heads, 2 KV heads of dim 16) with the character-level
+    tokenizer of :func:`make_char_tokenizer`."""
+    d = make_tiny_hf(d, arch="llama", n_layer=2, n_head=4, n_head_kv=2, head_dim=16, vocab=vocab, seed=seed)
+    make_char_tokenizer(d)
+    return d
+
+
 def make_tiny_hf(dir, arch: str = "llama", n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
                  head_dim: int = 16, vocab: int = 100, seed: int = 0, init_std: float = 0.1,
                  max_pos: int = 4096) -> Path:

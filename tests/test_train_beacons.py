@@ -42,11 +42,9 @@ def hash_reward(problem: Problem, completion: str) -> float:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """Char-level fast tokenizer (98 ids) on a 98-row model: adding the beacon must grow the matrices to 99."""
-    from helpers_models import make_char_tokenizer, make_tiny_hf
+    from helpers_models import make_tiny_char_llama
 
-    d = make_tiny_hf(tmp_path_factory.mktemp("beacons") / "tiny", arch="llama", n_layer=2, n_head=4, n_head_kv=2,
-                     head_dim=16, vocab=98, seed=4)
-    make_char_tokenizer(d)
+    d = make_tiny_char_llama(tmp_path_factory.mktemp("beacons") / "tiny", vocab=98, seed=4)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["vocab_size"] == 98 and not cfg["tie_word_embeddings"]
     return d

@@ -30,12 +30,9 @@ torch.set_num_threads(1)
 # --- fixtures ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from helpers_models import make_char_tokenizer, make_tiny_hf
+    from helpers_models import make_tiny_char_llama
 
-    d = make_tiny_hf(tmp_path_factory.mktemp("rlkv") / "tiny", arch="llama", n_layer=2, n_head=4, n_head_kv=2,
-                     head_dim=16, vocab=100)
-    make_char_tokenizer(d)
-    return d
+    return make_tiny_char_llama(tmp_path_factory.mktemp("rlkv") / "tiny")
 
 
 @pytest.fixture()

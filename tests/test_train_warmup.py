@@ -31,12 +31,9 @@ TASK = "chain_sum:min_terms=2,max_terms=3,max_digits=1"
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from helpers_models import make_char_tokenizer, make_tiny_hf
+    from helpers_models import make_tiny_char_llama
 
-    d = make_tiny_hf(tmp_path_factory.mktemp("warmup") / "tiny", arch="llama", n_layer=2, n_head=4, n_head_kv=2,
-                     head_dim=16, vocab=100)
-    make_char_tokenizer(d)
-    return d
+    return make_tiny_char_llama(tmp_path_factory.mktemp("warmup") / "tiny")
 
 
 def _weights(d: Path) -> dict:
