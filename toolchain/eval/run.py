@@ -278,25 +278,24 @@ def run_eval(models: Sequence[str | os.PathLike], task: str, n: int = 200, seed:
             model = None
             vcache = v.cache_type(cache_type)
             try:
-                if per_file:
-                    fkey = str(v.path.resolve())
-                    if fkey not in file_problems:
-                        model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
-                                           cache_type=vcache, mixed=v.mixed, beacons=v.beacons,
-                                           n_gpu_layers=gpu_layers, **bkw(v))
-                        file_problems[fkey] = make_dataset(task, n, seed, count_tokens=_token_counter(model))
-                        model.close()
-                        model = None
-                    problems = file_problems[fkey]
-                if ctx_len is None:
-                    # prompt lengths need the model's tokenizer: load once to measure them
+                fkey = str(v.path.resolve())
+                size_here = per_file and fkey not in file_problems
+                if size_here or ctx_len is None:
+                    # the model's tokenizer sizes the problems (per_file) and measures the prompts (no --n-ctx):
+                    # one small load serves both
                     model = Model.load(v.path, n_ctx=256, n_threads=threads, n_ubatch=n_ubatch,
                                        cache_type=vcache, mixed=v.mixed, beacons=v.beacons,
                                        n_gpu_layers=gpu_layers, **bkw(v))
-                    longest = max(len(_prompt_tokens(model, p)[0]) for p in problems)
-                    ctx_len = longest + max_tokens + 1
+                    if size_here:
+                        file_problems[fkey] = make_dataset(task, n, seed, count_tokens=_token_counter(model))
+                    problems = file_problems[fkey] if per_file else problems
+                    if ctx_len is None:
+                        longest = max(len(_prompt_tokens(model, p)[0]) for p in problems)
+                        ctx_len = longest + max_tokens + 1
                     model.close()
                     model = None
+                elif per_file:
+                    problems = file_problems[fkey]
                 key = run_key(v, task, seed, max_tokens, ctx_len, n_ubatch, vcache, kv_budget)
                 if v.beacons and (beacon_interval is not None or beacon_budget is not None):
                     key = key + f":c={beacon_interval}:b={beacon_budget}"  # other records of the same file stay valid
