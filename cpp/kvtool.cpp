@@ -101,6 +101,15 @@ extern "C" int kvtool_kv_used_cells(const llama_context * ctx, uint32_t * full_c
     return res;
 }
 
+extern "C" int kvtool_can_seq_rm(const llama_context * ctx, int32_t seq_id, int32_t p0, int32_t p1) {
+    auto * mem = memory_of(ctx);
+    if (!mem) {
+        return -1;
+    }
+    auto * mixed = dynamic_cast<llama_kv_cache_mixed *>(mem);
+    return !mixed || mixed->can_seq_rm(seq_id, p0, p1) ? 1 : 0;
+}
+
 extern "C" int kvtool_kv_n_groups(const llama_context * ctx) {
     auto * mixed = dynamic_cast<llama_kv_cache_mixed *>(memory_of(ctx));
     return mixed ? (int) mixed->n_groups() : 0;

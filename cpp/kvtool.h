@@ -63,6 +63,14 @@ KVTOOL_API int kvtool_kv_n_buffers(const struct llama_context * ctx);
 KVTOOL_API int kvtool_kv_buffer_info(const struct llama_context * ctx, int i, int * group, const char ** buft_name,
                                      size_t * bytes);
 
+// Whether llama_memory_seq_rm(mem, seq_id, p0, p1) on the context's memory would succeed, asked without changing
+// anything. A mixed cache refuses a tail cut when a window ring no longer holds the positions a token at p0 must see
+// (overwritten by a longer earlier run, or never restored from a sequence state, which keeps only the window cells).
+// Returns 1 (the cut would be honoured), 0 (the mixed cache would refuse it), or 1 for any other memory, which
+// kvtool does not second-guess; -1 when the context has no KV memory. llama-server's prompt reuse (patch 0007)
+// asks this before cutting a slot back and re-processes the prompt when the answer is 0.
+KVTOOL_API int kvtool_can_seq_rm(const struct llama_context * ctx, int32_t seq_id, int32_t p0, int32_t p1);
+
 // The devices ggml sees (the CPU included), so doctor can report them without llama-cpp-python's bindings, which
 // do not expose ggml's device API. *type is "cpu", "gpu", "igpu", "accel" or "meta"; free/total in bytes.
 // Returns 0, or -1 when i is out of range.

@@ -209,13 +209,14 @@ bool llama_kv_cache_mixed::ring_covers(const group & gr, llama_seq_id seq_id, ll
     return true;
 }
 
-bool llama_kv_cache_mixed::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+bool llama_kv_cache_mixed::can_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
     if (p0 < 0) {
         p0 = 0;
     }
 
-    // a tail truncation is only honest if every ring still holds what the next token at p0 must see;
-    // otherwise refuse before touching anything (callers such as llama-cpp-python then re-evaluate)
+    // a tail truncation is only honest if every ring still holds what the next token at p0 must see; this is
+    // the whole test seq_rm applies, kept apart and side-effect free so that a caller (llama-server's prompt
+    // reuse) can ask first and re-process the prompt instead of treating the refusal as fatal
     std::vector<llama_seq_id> seqs;
     if (seq_id >= 0) {
         seqs.push_back(seq_id);
@@ -235,6 +236,18 @@ bool llama_kv_cache_mixed::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p
                 return false;
             }
         }
+    }
+    return true;
+}
+
+bool llama_kv_cache_mixed::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+
+    // refuse before touching anything (callers such as llama-cpp-python then re-evaluate)
+    if (!can_seq_rm(seq_id, p0, p1)) {
+        return false;
     }
 
     bool res = true;

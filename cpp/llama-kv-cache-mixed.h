@@ -70,6 +70,10 @@ public:
     uint32_t         group_used_cells(size_t g) const;
     uint32_t         get_n_sink()          const { return n_sink; }
 
+    // whether seq_rm(seq_id, p0, p1) would be honoured: false when a window ring no longer holds what a token at
+    // p0 must see (seq_rm then refuses and changes nothing). No side effects.
+    bool             can_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+
     // KV heads of group g in layer il (ascending)
     const std::vector<int32_t> & heads(size_t g, int32_t il) const { return groups[g].heads[il]; }
     // the group that holds every head of layer il, or -1 when the layer is split across groups

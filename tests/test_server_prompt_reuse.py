@@ -4,9 +4,11 @@ A request whose prompt shares a prefix with what a slot holds makes llama-server
 that prefix (``llama_memory_seq_rm(slot, p0, -1)``). The mixed cache refuses the cut when a window ring no longer
 holds the positions a query at ``p0`` must see: overwritten by a longer earlier request on the slot, or never
 restored, because a sequence state (llama-server's RAM prompt cache moves them between slots) keeps only the cells
-inside each window. This llama-server treats any refused cut as fatal (``GGML_ABORT`` in common's
-``common_context_seq_rm``): the whole server dies. kvtool serve --parallel therefore turns prompt reuse off for a
-mixed cache (``cache_prompt: false``, ``--cache-ram 0``); a plain ``kvtool-llama-server`` still dies (the xfail).
+inside each window. Stock llama-server treats any refused cut as fatal (``GGML_ABORT`` in common's
+``common_context_seq_rm``): the whole server died. Patch 0007 makes llama-server ask ``kvtool_can_seq_rm`` (the
+same ring test, without side effects) before the cut and re-process the prompt when the answer is no, as upstream
+does for SWA caches without a checkpoint. kvtool serve --parallel keeps prompt reuse off for a mixed cache anyway
+(``cache_prompt: false``, ``--cache-ram 0``): a reused prefix would save nothing once the ring has moved on.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 from helpers_runtime import LowLevel
 from helpers_serve import start_server, stop_server
 from helpers_tools import tiny_mixed, tool_paths
+
+from toolchain.runtime.library import can_seq_rm
 
 httpx = pytest.importorskip("httpx")
 
@@ -35,31 +39,40 @@ def test_the_mixed_cache_refuses_a_cut_its_rings_cannot_honour(tiny):
         ll = LowLevel(tiny, n_ctx=2 * 512, n_ubatch=64, n_seq_max=2, cache="f16", flash_attn=True, mixed=mixed)
         try:
             lc = ll.lc
+
+            def cut(seq, p0):
+                """The cut, after asking whether it would be honoured: the answer must predict it, change nothing."""
+                before = (lc.llama_memory_seq_pos_min(ll.mem, seq), lc.llama_memory_seq_pos_max(ll.mem, seq))
+                asked = can_seq_rm(ll.ctx, seq, p0)
+                assert (lc.llama_memory_seq_pos_min(ll.mem, seq), lc.llama_memory_seq_pos_max(ll.mem, seq)) == before
+                done = lc.llama_memory_seq_rm(ll.mem, seq, p0, -1)
+                assert asked == done, (seq, p0, asked, done)
+                return done
+
             ll.run(toks, seq=1)
             for p in range(16, 40):
                 ll.decode([(5, p, 1)])
             assert ll.set_seq_state(ll.seq_state(1), 0) > 0  # what the RAM prompt cache does between slots
-            assert lc.llama_memory_seq_rm(ll.mem, 1, 15, -1)  # the original still holds every ring cell
-            assert lc.llama_memory_seq_rm(ll.mem, 0, 15, -1) is not mixed  # the restored copy only the windows
-            assert lc.llama_memory_seq_rm(ll.mem, 0, 0, -1)  # clearing from 0 always works
-            assert lc.llama_memory_seq_rm(ll.mem, 1, -1, -1)
+            assert cut(1, 15)  # the original still holds every ring cell
+            assert cut(0, 15) is not mixed  # the restored copy only the windows
+            assert cut(0, 0)  # clearing from 0 always works
+            assert cut(1, -1)
             ll.run(toks, seq=1)
             for p in range(16, LONG):
                 ll.decode([(5, p, 1)])
-            assert lc.llama_memory_seq_rm(ll.mem, 1, 15, -1) is not mixed  # the ring wrapped over 4..14
+            assert cut(1, 15) is not mixed  # the ring wrapped over 4..14
+            assert cut(1, LONG - 1)  # the last token only: every ring still holds what position LONG-1 sees
         finally:
             ll.close()
 
 
-def test_the_front_turns_prompt_reuse_off_for_a_mixed_cache():
+def test_the_front_leaves_prompt_reuse_to_the_client():
     from toolchain.commands.llama_server import server_args
     from toolchain.commands.serve_proxy import upstream_body
 
-    assert upstream_body({"prompt": "a", "cache_prompt": True}, 8, prompt_cache=False)["cache_prompt"] is False
     assert upstream_body({"prompt": "a", "cache_prompt": True}, 8)["cache_prompt"] is True
-    assert "cache_prompt" not in upstream_body({"prompt": "a"}, 8)
-    args = server_args("srv", "m.gguf", "{sock}", 2, 512, 64, 1, "f16", False, None, "0", 0, "m", prompt_cache=False)
-    assert args[args.index("--cache-ram") + 1] == "0"
+    assert upstream_body({"prompt": "a", "cache_prompt": False}, 8)["cache_prompt"] is False
+    assert "cache_prompt" not in upstream_body({"prompt": "a"}, 8)  # llama-server's default (on)
     assert "--cache-ram" not in server_args("srv", "m.gguf", "{sock}", 2, 512, 64, 1, "f16", False, None, "0", 0, "m")
 
 
@@ -82,13 +95,13 @@ def test_kvtool_serve_parallel_survives_a_reused_prompt_after_a_long_request(tin
         a, b = _long_then_reuse(post)
         assert a.startswith(b) and len(b) > 0  # the same prompt alone, again: the same greedy start
         assert httpx.get(base[:-3] + "/health", timeout=30).json()["status"] == "ok"
+        assert "cannot cut back" in (tmp_path / "llama-server.log").read_text()  # reuse was tried, then refused
     finally:
         stop_server(proc)
 
 
-@pytest.mark.xfail(strict=True, reason="llama-server aborts when the mixed cache refuses a prompt-reuse cut; fix: "
-                                       "fall back to full prompt re-processing (see the module docstring)")
 def test_plain_llama_server_survives_a_reused_prompt_after_a_long_request(tiny, tmp_path):
+    """Prompt reuse on (llama-server's default): the refused cut becomes a full re-processing, not an abort."""
     from toolchain.commands.llama_server import LlamaServer, server_args
 
     tools = tool_paths()
@@ -107,5 +120,13 @@ def test_plain_llama_server_survives_a_reused_prompt_after_a_long_request(tiny, 
             except httpx.HTTPError as e:
                 pytest.fail(f"llama-server died: {e!r}; its log ends: {srv.log_text()[-300:]}")
             assert a.startswith(b)
+            assert "cannot cut back" in srv.log_text()  # the reuse was tried and refused, not skipped
+            # a prompt that extends what the slot holds needs no cut the rings cannot back: the prefix is reused
+            r = c.post("/v1/completions", json={"prompt": PROMPT + b + " and", "max_tokens": 4, "temperature": 0,
+                                                "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["timings"]["cache_n"] > 0
+            r = c.get("/health")
+            assert r.status_code == 200 and r.json()["status"] == "ok"
     finally:
         srv.stop()

@@ -64,11 +64,11 @@ def parse_kv_log(text: str) -> ServerKV:
 
 def server_args(exe: str, model: str, sock: str, parallel: int, n_ctx: int, n_ubatch: int, threads: Optional[int],
                 cache_type: str, no_mixed: bool, flash_attn: Optional[bool], gpu_layers: str, seed: int,
-                model_id: str, prompt_cache: bool = True) -> list[str]:
+                model_id: str) -> list[str]:
     """The llama-server command line for kvtool's defaults (``gpu_layers`` already resolved: a count or "all").
 
-    ``prompt_cache=False`` (a mixed cache; the front also sends ``cache_prompt: false``, see serve_proxy) turns off
-    the RAM prompt cache, whose saved slot states would only be restored to be thrown away."""
+    Prompt reuse stays on, as in llama-server, for mixed files too: when a slot's window rings can no longer back
+    the cut a reused prefix needs, the patched server re-processes the prompt instead (patch 0007)."""
     args = [exe, "-m", model, "--host", sock, "--parallel", str(parallel), "--ctx-size", str(n_ctx * parallel),
             "--no-kv-unified", "--cont-batching", "--flash-attn", "off" if flash_attn is False else "on",
             "--ubatch-size", str(n_ubatch), "--batch-size", str(max(n_ubatch, 2048)),
@@ -79,8 +79,6 @@ def server_args(exe: str, model: str, sock: str, parallel: int, n_ctx: int, n_ub
         args += ["--threads", str(threads), "--threads-batch", str(threads)]
     if no_mixed:
         args += ["--override-kv", "kvtool.kv.enabled=bool:false"]
-    if not prompt_cache:
-        args += ["--cache-ram", "0"]
     return args
 
 

@@ -26,19 +26,11 @@ from .request_checks import _BadRequest, chat_messages, json_body, prompt_text, 
 _PASS_STATUS = range(400, 500)
 
 
-def upstream_body(body: dict, default_max_tokens: int, prompt_cache: bool = True) -> dict:
-    """The validated request for llama-server: kvtool's defaults filled in, every other field passed on.
-
-    ``prompt_cache=False`` (a mixed cache) forces ``cache_prompt: false``: reusing a slot's cached prefix makes
-    llama-server cut the slot's sequence back to that prefix, and the mixed cache refuses the cut when a window
-    ring no longer holds the positions just before it (overwritten by a longer earlier request, or absent from a
-    state llama-server restored from its RAM prompt cache); this llama-server aborts on any refused cut. Without
-    reuse, every request starts its slot from position 0, which always succeeds.
-    """
+def upstream_body(body: dict, default_max_tokens: int) -> dict:
+    """The validated request for llama-server: kvtool's defaults filled in, every other field (``cache_prompt``,
+    ``ignore_eos``, ...) passed on as the client sent it."""
     kw = sampling_args(body, default_max_tokens)
     out = dict(body)
-    if not prompt_cache:
-        out["cache_prompt"] = False
     out.pop("max_completion_tokens", None)
     out["max_tokens"] = kw["max_tokens"]
     for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty"):
@@ -65,7 +57,7 @@ def upstream_error(status: int, raw: bytes) -> tuple:
 
 
 def make_proxy_app(sock: str, model_id: str, parallel: int, n_ctx: int, default_max_tokens: int = 512,
-                   kv: Optional[dict] = None, prompt_cache: bool = True):
+                   kv: Optional[dict] = None):
     """The FastAPI front over llama-server listening on the Unix socket ``sock``."""
     import httpx
     from fastapi import FastAPI, Request
@@ -154,13 +146,13 @@ def make_proxy_app(sock: str, model_id: str, parallel: int, n_ctx: int, default_
     async def chat_completions(request: Request):
         body = await json_body(request)
         chat_messages(body)
-        return await forward("/v1/chat/completions", upstream_body(body, default_max_tokens, prompt_cache))
+        return await forward("/v1/chat/completions", upstream_body(body, default_max_tokens))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await json_body(request)
         body["prompt"] = prompt_text(body)
-        return await forward("/v1/completions", upstream_body(body, default_max_tokens, prompt_cache))
+        return await forward("/v1/completions", upstream_body(body, default_max_tokens))
 
     @app.on_event("shutdown")
     async def _close():
@@ -199,7 +191,7 @@ def run_parallel(model: str, sock_front, parallel: int, model_id: Optional[str],
     model_id = model_id or Path(model).name
     mixed = bool(b and b.enabled and not no_mixed)
     srv = LlamaServer(server_args(exe, model, "{sock}", parallel, n_ctx, n_ubatch, threads, cache_type, no_mixed,
-                                  flash_attn, ngl, seed, model_id, prompt_cache=not mixed),
+                                  flash_attn, ngl, seed, model_id),
                       Path(server_log) if server_log else None)
     try:
         srv.start()
@@ -216,7 +208,7 @@ def run_parallel(model: str, sock_front, parallel: int, model_id: Optional[str],
              f"{fmt_bytes(got.allocated_bytes)} ({'mixed' if got.mixed else 'stock'}; stock would be "
              f"{fmt_bytes(plan.stock_bytes)})")
         echo(f"listening on http://{shown}:{p}/v1 (Ctrl-C to stop)")
-        app = make_proxy_app(srv.sock, model_id, parallel, n_ctx, default_max_tokens, kv, prompt_cache=not mixed)
+        app = make_proxy_app(srv.sock, model_id, parallel, n_ctx, default_max_tokens, kv)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
         uvicorn.Server(config).run(sockets=[sock_front])
     finally:

@@ -94,6 +94,15 @@ def kv_used_cells(ctx) -> tuple[int, int]:
     return int(full.value), int(ring.value)
 
 
+def can_seq_rm(ctx, seq_id: int, p0: int, p1: int = -1) -> bool:
+    """Whether ``llama_memory_seq_rm(seq_id, p0, p1)`` would be honoured, asked without changing anything (a mixed
+    cache refuses a tail cut its window rings cannot back; llama-server's prompt reuse asks this first)."""
+    f = _fn("kvtool_can_seq_rm", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32])
+    if f is None:
+        raise RuntimeNotBuilt()
+    return f(ctx, seq_id, p0, p1) == 1
+
+
 def kv_groups(ctx) -> list[tuple[int, int]]:
     """[(window, cells)] of the mixed cache's head groups; [] when the context runs a stock cache."""
     n = _fn("kvtool_kv_n_groups", ctypes.c_int, [ctypes.c_void_p])
