@@ -31,6 +31,17 @@ def tiny(tiny_gguf, tmp_path_factory):
     return tiny_mixed(tiny_gguf, tmp_path_factory.mktemp("reuse") / "tiny-mixed.gguf")
 
 
+def _asked_then_cut(ll, seq: int, p0: int) -> bool:
+    """The cut, after asking whether it would be honoured: the answer must predict it and change nothing."""
+    lc = ll.lc
+    span = (lc.llama_memory_seq_pos_min(ll.mem, seq), lc.llama_memory_seq_pos_max(ll.mem, seq))
+    asked = can_seq_rm(ll.ctx, seq, p0)
+    assert (lc.llama_memory_seq_pos_min(ll.mem, seq), lc.llama_memory_seq_pos_max(ll.mem, seq)) == span
+    done = lc.llama_memory_seq_rm(ll.mem, seq, p0, -1)
+    assert asked == done, (seq, p0, asked, done)
+    return done
+
+
 @pytest.mark.usefixtures("patched_runtime")
 def test_the_mixed_cache_refuses_a_cut_its_rings_cannot_honour(tiny):
     """The runtime half: honest refusals where stock succeeds (what llama-server then aborts on)."""
@@ -38,16 +49,8 @@ def test_the_mixed_cache_refuses_a_cut_its_rings_cannot_honour(tiny):
     for mixed in (True, False):
         ll = LowLevel(tiny, n_ctx=2 * 512, n_ubatch=64, n_seq_max=2, cache="f16", flash_attn=True, mixed=mixed)
         try:
-            lc = ll.lc
-
-            def cut(seq, p0):
-                """The cut, after asking whether it would be honoured: the answer must predict it, change nothing."""
-                before = (lc.llama_memory_seq_pos_min(ll.mem, seq), lc.llama_memory_seq_pos_max(ll.mem, seq))
-                asked = can_seq_rm(ll.ctx, seq, p0)
-                assert (lc.llama_memory_seq_pos_min(ll.mem, seq), lc.llama_memory_seq_pos_max(ll.mem, seq)) == before
-                done = lc.llama_memory_seq_rm(ll.mem, seq, p0, -1)
-                assert asked == done, (seq, p0, asked, done)
-                return done
+            def cut(seq, p0, ll=ll):
+                return _asked_then_cut(ll, seq, p0)
 
             ll.run(toks, seq=1)
             for p in range(16, 40):
