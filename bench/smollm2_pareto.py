@@ -71,7 +71,7 @@ def plot(table: Sequence[dict], out: Path) -> Path:
     ctxs = sorted({int(c) for r in table for c in r["passkey"]})
     if not ctxs:
         raise ValueError("no passkey results to plot")
-    fig, axes = plt.subplots(1, len(ctxs), figsize=(6.4 * len(ctxs), 5.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(8.4 * len(ctxs), 5.0), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
         pts = [(r, r["passkey"][str(ctx)]) for r in table if str(ctx) in r["passkey"]]
         xs = [v["allocated_kv_bytes"] / 2**20 for _, v in pts]
@@ -103,7 +103,7 @@ def plot(table: Sequence[dict], out: Path) -> Path:
         n = max(v["n"] for _, v in pts)
         ax.set_title(f"SmolLM2-135M Q4_1, passkey ctx={ctx}, n={n} per point unless labelled", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, framealpha=0.9)  # outside: no label under it
         fig.tight_layout()
         renderer = fig.canvas.get_renderer()
         taken = [ax.get_legend().get_window_extent(renderer)]
