@@ -3,9 +3,9 @@
 
 Straight on the patched llama-server (``kvtool tools``), kvtool's settings (8 slots of 512 tokens, f16 cache, flash
 attention, ubatch 64, one thread), stock (``--override-kv kvtool.kv.enabled=bool:false``) or mixed, with prompt
-reuse off (``cache_prompt: false``, ``--cache-ram 0``) so that every request prefills its whole prompt. Each round: the prompts one at a time (with llama-server's top-2
-logprobs, whose gap is the greedy pick's logit margin), then all eight at once, each client starting after a random
-delay of up to ``--stagger`` seconds. Prints the differing answers per round and each prompt's smallest margin.
+reuse off (``cache_prompt: false``, ``--cache-ram 0``) so that every request prefills its whole prompt. Each round:
+the prompts one at a time (with llama-server's top-2 logprobs, whose gap is the greedy pick's logit margin), then
+all eight at once, each client starting after a random delay of up to ``--stagger`` seconds. Prints the differing answers per round and each prompt's smallest margin.
 
 Usage: bench/greedy_flips.py MODEL [--stock] [--rounds 15] [--stagger 0.05] [--prompts old|clear] [--tokens 48]
 """

@@ -7,8 +7,8 @@ restored, because a sequence state (llama-server's RAM prompt cache moves them b
 inside each window. Stock llama-server treats any refused cut as fatal (``GGML_ABORT`` in common's
 ``common_context_seq_rm``): the whole server died. Patch 0007 makes llama-server ask ``kvtool_can_seq_rm`` (the
 same ring test, without side effects) before the cut and re-process the prompt when the answer is no, as upstream
-does for SWA caches without a checkpoint. kvtool serve --parallel keeps prompt reuse off for a mixed cache anyway
-(``cache_prompt: false``, ``--cache-ram 0``): a reused prefix would save nothing once the ring has moved on.
+does for SWA caches without a checkpoint. kvtool serve --parallel therefore leaves llama-server's prompt reuse on
+for mixed files too, and a prompt that extends what a slot holds still reuses its prefix.
 """
 from __future__ import annotations
 
@@ -49,22 +49,19 @@ def test_the_mixed_cache_refuses_a_cut_its_rings_cannot_honour(tiny):
     for mixed in (True, False):
         ll = LowLevel(tiny, n_ctx=2 * 512, n_ubatch=64, n_seq_max=2, cache="f16", flash_attn=True, mixed=mixed)
         try:
-            def cut(seq, p0, ll=ll):
-                return _asked_then_cut(ll, seq, p0)
-
             ll.run(toks, seq=1)
             for p in range(16, 40):
                 ll.decode([(5, p, 1)])
             assert ll.set_seq_state(ll.seq_state(1), 0) > 0  # what the RAM prompt cache does between slots
-            assert cut(1, 15)  # the original still holds every ring cell
-            assert cut(0, 15) is not mixed  # the restored copy only the windows
-            assert cut(0, 0)  # clearing from 0 always works
-            assert cut(1, -1)
+            assert _asked_then_cut(ll, 1, 15)  # the original still holds every ring cell
+            assert _asked_then_cut(ll, 0, 15) is not mixed  # the restored copy only the windows
+            assert _asked_then_cut(ll, 0, 0)  # clearing from 0 always works
+            assert _asked_then_cut(ll, 1, -1)
             ll.run(toks, seq=1)
             for p in range(16, LONG):
                 ll.decode([(5, p, 1)])
-            assert cut(1, 15) is not mixed  # the ring wrapped over 4..14
-            assert cut(1, LONG - 1)  # the last token only: every ring still holds what position LONG-1 sees
+            assert _asked_then_cut(ll, 1, 15) is not mixed  # the ring wrapped over 4..14
+            assert _asked_then_cut(ll, 1, LONG - 1)  # the last token only: every ring still holds what position LONG-1 sees
         finally:
             ll.close()
 
